@@ -1,0 +1,37 @@
+#!/usr/bin/env node
+// Bundles the CLI into one file (dist/sicksync.mjs, also the agent uploaded to remotes) and
+// writes the editor JSON Schemas generated from the config Schemas into schema/.
+import { build } from "esbuild"
+import { execFileSync } from "node:child_process"
+import { mkdirSync } from "node:fs"
+import { dirname, join } from "node:path"
+import { fileURLToPath } from "node:url"
+
+const root = join(dirname(fileURLToPath(import.meta.url)), "..")
+const common = {
+  bundle: true,
+  platform: "node",
+  format: "esm",
+  target: "node20",
+  logLevel: "warning",
+  // ws's optional native helpers and ssh2's optional cpu-features are not needed.
+  external: ["bufferutil", "utf-8-validate", "cpu-features"],
+  // Bundled CommonJS dependencies call require(): give the ESM bundle one.
+  banner: { js: "import { createRequire as __sicksyncRequire } from 'node:module'; const require = __sicksyncRequire(import.meta.url);" },
+  legalComments: "none",
+  // Prefer ESM builds: jsonc-parser's UMD main cannot be bundled.
+  mainFields: ["module", "main"],
+  minify: true,
+  keepNames: true
+}
+
+await build({
+  ...common,
+  entryPoints: [join(root, "src/bin/sicksync.ts")],
+  outfile: join(root, "dist/sicksync.mjs"),
+  // the entry's own shebang line is kept by esbuild
+})
+
+await build({ ...common, entryPoints: [join(root, "scripts/gen-schema.ts")], outfile: join(root, "dist/gen-schema.mjs") })
+mkdirSync(join(root, "schema"), { recursive: true })
+execFileSync(process.execPath, [join(root, "dist/gen-schema.mjs"), join(root, "schema")], { stdio: "inherit" })

@@ -1,0 +1,39 @@
+#!/usr/bin/env node
+/**
+ * The sicksync CLI (also what runs on a remote as the daemon). Errors a user can act on are
+ * printed once, without a stack trace; anything else is a bug and printed in full.
+ */
+import * as ValidationError from "@effect/cli/ValidationError"
+import * as NodeContext from "@effect/platform-node/NodeContext"
+import * as NodeRuntime from "@effect/platform-node/NodeRuntime"
+import { Cause, Effect, Layer, Logger, LogLevel, Option } from "effect"
+import { cli } from "../programs/cli.js"
+import * as Config from "../services/Config.js"
+import * as Logging from "../services/Logging.js"
+
+const MainLive = Layer.mergeAll(Config.layer(), Logging.layer).pipe(Layer.provideMerge(NodeContext.layer))
+
+/** Tagged errors a user caused and can fix: shown as their message alone. */
+const userFacing = new Set(["ConfigError", "ProjectNotFound", "RegistryConflict", "UsageError"])
+
+const report = (cause: Cause.Cause<unknown>) =>
+  Effect.sync(() => {
+    if (Cause.isInterruptedOnly(cause)) return
+    const failure = Cause.failureOption(cause)
+    if (Option.isSome(failure)) {
+      const error = failure.value
+      if (ValidationError.isValidationError(error)) return // @effect/cli has printed it
+      if (typeof error === "object" && error !== null && "_tag" in error && userFacing.has(String(error._tag))) {
+        process.stderr.write(`error: ${(error as { message: string }).message}\n`)
+        return
+      }
+    }
+    process.stderr.write(`error: ${Cause.pretty(cause)}\n`)
+  })
+
+cli(process.argv).pipe(
+  Effect.tapErrorCause(report),
+  Effect.provide(MainLive),
+  Logger.withMinimumLogLevel(LogLevel.Info),
+  NodeRuntime.runMain({ disableErrorReporting: true })
+)

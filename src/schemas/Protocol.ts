@@ -1,0 +1,171 @@
+/**
+ * The sicksync wire protocol, spoken over one WebSocket per (client, destination) session.
+ *
+ * Control messages are JSON text frames decoded with `ClientMessage` / `DaemonMessage`.
+ * File contents travel in binary frames: a 4-byte big-endian sequence number naming the
+ * `Write` they belong to, then raw bytes. A `Write { size }` is followed by binary frames
+ * for its seq whose payloads add up to exactly `size` (none for an empty file).
+ *
+ * Flow control: the daemon returns `Credit { bytes }` once it has put chunk bytes on disk;
+ * the client keeps at most `WINDOW_BYTES` of unacknowledged chunk bytes in flight, so a
+ * slow disk on the remote bounds memory on both sides instead of piling up in socket buffers.
+ *
+ * Every operation carries a client-chosen `seq` and is answered by exactly one `Ack { seq }`
+ * or `OpFailed { seq }`. Operations of one session are applied in the order they were sent.
+ * Liveness uses WebSocket ping/pong control frames in both directions.
+ */
+import { Schema } from "effect"
+
+export const PROTOCOL_VERSION = 1
+
+/** Payload bytes per binary frame. */
+export const CHUNK_BYTES = 1024 * 1024
+/** Largest frame the daemon accepts; anything bigger closes the session (1009). */
+export const MAX_FRAME_BYTES = CHUNK_BYTES + 64 * 1024
+/** Unacknowledged chunk bytes a client may have in flight per session. */
+export const WINDOW_BYTES = 8 * CHUNK_BYTES
+
+const Seq = Schema.Int.pipe(Schema.between(0, 0xffffffff))
+/** A path relative to the session's destination root, `/`-separated. Confinement is checked by the daemon. */
+const RelPath = Schema.String
+const Mode = Schema.Int.pipe(Schema.between(0, 0o7777))
+/** Milliseconds since the epoch. */
+const Mtime = Schema.Number
+
+// ---- client → daemon ------------------------------------------------------------------------
+
+export class Hello extends Schema.TaggedClass<Hello>()("Hello", {
+  protocolVersion: Schema.Int,
+  token: Schema.String,
+  clientId: Schema.String,
+  project: Schema.String,
+  /** As configured: absolute, or `~/`-relative to the daemon user's home. */
+  destinationRoot: Schema.String
+}) {}
+
+export class Write extends Schema.TaggedClass<Write>()("Write", {
+  seq: Seq,
+  path: RelPath,
+  size: Schema.Int.pipe(Schema.nonNegative()),
+  mode: Mode,
+  mtime: Mtime
+}) {}
+
+/** Cancels a `Write` whose source changed while it was read; the daemon discards the partial file. */
+export class Abort extends Schema.TaggedClass<Abort>()("Abort", { seq: Seq }) {}
+
+export class Mkdir extends Schema.TaggedClass<Mkdir>()("Mkdir", {
+  seq: Seq,
+  path: RelPath,
+  mode: Mode,
+  mtime: Schema.optionalWith(Mtime, { exact: true })
+}) {}
+
+/** Removes a file, symlink or whole directory tree. Removing a missing path succeeds. */
+export class Remove extends Schema.TaggedClass<Remove>()("Remove", { seq: Seq, path: RelPath }) {}
+
+export class Rename extends Schema.TaggedClass<Rename>()("Rename", { seq: Seq, from: RelPath, to: RelPath }) {}
+
+export class Symlink extends Schema.TaggedClass<Symlink>()("Symlink", {
+  seq: Seq,
+  path: RelPath,
+  target: Schema.String,
+  mtime: Schema.optionalWith(Mtime, { exact: true })
+}) {}
+
+/** Asks for the state of the destination tree, for reconciliation. */
+export class ListManifest extends Schema.TaggedClass<ListManifest>()("ListManifest", { seq: Seq }) {}
+
+export const ClientMessage = Schema.Union(Hello, Write, Abort, Mkdir, Remove, Rename, Symlink, ListManifest)
+export type ClientMessage = typeof ClientMessage.Type
+export type Operation = Write | Mkdir | Remove | Rename | Symlink | ListManifest
+
+// ---- daemon → client ------------------------------------------------------------------------
+
+export class Welcome extends Schema.TaggedClass<Welcome>()("Welcome", {
+  protocolVersion: Schema.Int,
+  daemonVersion: Schema.String,
+  sessionId: Schema.String,
+  /** The destination root as resolved on the daemon's machine. */
+  root: Schema.String
+}) {}
+
+export const RejectReason = Schema.Literal("protocol-version", "token", "root", "bad-hello")
+export class Rejected extends Schema.TaggedClass<Rejected>()("Rejected", {
+  reason: RejectReason,
+  message: Schema.String
+}) {}
+
+export class Ack extends Schema.TaggedClass<Ack>()("Ack", { seq: Seq }) {}
+
+export const OpErrorCode = Schema.Literal("confinement", "io", "protocol", "aborted")
+export type OpErrorCode = typeof OpErrorCode.Type
+export class OpFailed extends Schema.TaggedClass<OpFailed>()("OpFailed", {
+  seq: Seq,
+  code: OpErrorCode,
+  message: Schema.String
+}) {}
+
+/** Returns flow-control window: `bytes` of chunk payload have been written to disk. */
+export class Credit extends Schema.TaggedClass<Credit>()("Credit", { bytes: Schema.Int.pipe(Schema.nonNegative()) }) {}
+
+export const EntryType = Schema.Literal("file", "dir", "symlink")
+export const ManifestEntry = Schema.Struct({
+  path: RelPath,
+  type: EntryType,
+  size: Schema.Int,
+  mtime: Mtime,
+  mode: Mode,
+  target: Schema.optionalWith(Schema.String, { exact: true })
+})
+export type ManifestEntry = typeof ManifestEntry.Type
+
+/** One page of a manifest; the last page of a `ListManifest` has `done: true` and is followed by its `Ack`. */
+export class Manifest extends Schema.TaggedClass<Manifest>()("Manifest", {
+  seq: Seq,
+  entries: Schema.Array(ManifestEntry),
+  done: Schema.Boolean
+}) {}
+
+export const DaemonMessage = Schema.Union(Welcome, Rejected, Ack, OpFailed, Credit, Manifest)
+export type DaemonMessage = typeof DaemonMessage.Type
+
+// ---- codecs ---------------------------------------------------------------------------------
+
+export const decodeClientMessage = Schema.decodeUnknownEither(Schema.parseJson(ClientMessage))
+export const decodeDaemonMessage = Schema.decodeUnknownEither(Schema.parseJson(DaemonMessage))
+export const encodeClientMessage = Schema.encodeSync(Schema.parseJson(ClientMessage))
+export const encodeDaemonMessage = Schema.encodeSync(Schema.parseJson(DaemonMessage))
+
+/** A binary frame: 4-byte big-endian seq, then payload bytes. */
+export const encodeChunk = (seq: number, payload: Uint8Array): Buffer => {
+  const frame = Buffer.allocUnsafe(4 + payload.byteLength)
+  frame.writeUInt32BE(seq, 0)
+  frame.set(payload, 4)
+  return frame
+}
+
+export const decodeChunk = (frame: Buffer): { readonly seq: number; readonly payload: Buffer } | undefined =>
+  frame.byteLength < 4 ? undefined : { seq: frame.readUInt32BE(0), payload: frame.subarray(4) }
+
+// ---- daemon state file ----------------------------------------------------------------------
+
+/** `~/.sicksync/daemon.json` on the daemon's machine, mode 0600. */
+export const DaemonState = Schema.Struct({
+  port: Schema.Int,
+  pid: Schema.Int,
+  version: Schema.String,
+  protocolVersion: Schema.Int,
+  token: Schema.String
+})
+export type DaemonState = typeof DaemonState.Type
+
+/** The one JSON line `sicksync start-daemon` prints on stdout. */
+export const ReadyLine = Schema.Struct({
+  port: Schema.Int,
+  pid: Schema.Int,
+  version: Schema.String,
+  protocolVersion: Schema.Int,
+  started: Schema.Boolean
+})
+export type ReadyLine = typeof ReadyLine.Type

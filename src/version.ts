@@ -1,0 +1,4 @@
+import { version } from "../package.json"
+
+/** The package version; daemons of another version are never spoken to. */
+export const VERSION: string = version
