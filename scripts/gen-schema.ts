@@ -5,6 +5,7 @@ import { join } from "node:path"
 import { ProjectFile, Registry } from "../src/schemas/ConfigFile.js"
 
 const out = process.argv[2] ?? "schema"
-for (const [name, schema] of [["project", ProjectFile], ["registry", Registry]] as const) {
-  writeFileSync(join(out, `${name}.schema.json`), `${JSON.stringify(JSONSchema.make(schema), null, 2)}\n`)
-}
+const write = (name: string, jsonSchema: object) =>
+  writeFileSync(join(out, `${name}.schema.json`), `${JSON.stringify(jsonSchema, null, 2)}\n`)
+write("project", JSONSchema.make(ProjectFile))
+write("registry", JSONSchema.make(Registry))

@@ -9,12 +9,27 @@ import * as NodeRuntime from "@effect/platform-node/NodeRuntime"
 import { Cause, Effect, Layer, Logger, LogLevel, Option } from "effect"
 import { cli } from "../programs/cli.js"
 import * as Config from "../services/Config.js"
+import * as DaemonLocator from "../services/DaemonLocator.js"
 import * as Logging from "../services/Logging.js"
+import * as RemoteConnection from "../services/RemoteConnection.js"
+import * as Watcher from "../services/Watcher.js"
 
-const MainLive = Layer.mergeAll(Config.layer(), Logging.layer).pipe(Layer.provideMerge(NodeContext.layer))
+const RemoteLive = RemoteConnection.layer().pipe(Layer.provide(DaemonLocator.layerLocal({ command: DaemonLocator.selfCommand() })))
+
+const MainLive = Layer.mergeAll(Config.layer(), Logging.layer, Watcher.layer, RemoteLive).pipe(
+  Layer.provideMerge(NodeContext.layer)
+)
 
 /** Tagged errors a user caused and can fix: shown as their message alone. */
-const userFacing = new Set(["ConfigError", "ProjectNotFound", "RegistryConflict", "UsageError"])
+const userFacing = new Set([
+  "ConfigError",
+  "ProjectNotFound",
+  "RegistryConflict",
+  "UsageError",
+  "WatchError",
+  "ExcludesFileError",
+  "DaemonAlreadyRunning"
+])
 
 const report = (cause: Cause.Cause<unknown>) =>
   Effect.sync(() => {
@@ -24,7 +39,7 @@ const report = (cause: Cause.Cause<unknown>) =>
       const error = failure.value
       if (ValidationError.isValidationError(error)) return // @effect/cli has printed it
       if (typeof error === "object" && error !== null && "_tag" in error && userFacing.has(String(error._tag))) {
-        process.stderr.write(`error: ${(error as { message: string }).message}\n`)
+        process.stderr.write(`error: ${(error as unknown as { message: string }).message}\n`)
         return
       }
     }
@@ -35,5 +50,6 @@ cli(process.argv).pipe(
   Effect.tapErrorCause(report),
   Effect.provide(MainLive),
   Logger.withMinimumLogLevel(LogLevel.Info),
-  NodeRuntime.runMain({ disableErrorReporting: true })
+  // No pretty logger: it would print every warning a second time, on stdout (breaking `info --json`).
+  NodeRuntime.runMain({ disableErrorReporting: true, disablePrettyLogger: true })
 )

@@ -2,7 +2,7 @@
  * Human-facing log output: `[project] [destination] message`, taken from the `project` and `dest`
  * log annotations. Info and debug go to stdout, warnings and errors to stderr.
  */
-import { Cause, HashMap, Layer, Logger, LogLevel, Option } from "effect"
+import { Cause, HashMap, Logger, LogLevel, Option } from "effect"
 
 const text = (message: unknown): string =>
   Array.isArray(message) ? message.map(text).join(" ") : typeof message === "string" ? message : String(message)

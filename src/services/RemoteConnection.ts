@@ -1,0 +1,355 @@
+/**
+ * RemoteConnection: one authenticated WebSocket session to one destination root.
+ *
+ * Operations are pipelined: `send` puts the frame on the wire at once (so the daemon applies
+ * operations in the order they were sent) and hands back an effect that waits for that
+ * operation's ack. File bytes are streamed in `CHUNK_BYTES` frames under a byte window that the
+ * daemon refills with `Credit`, so neither side buffers more than `WINDOW_BYTES` per session.
+ */
+import { Context, Data, Deferred, Duration, Effect, FiberId, Layer, type Scope } from "effect"
+import { randomUUID } from "node:crypto"
+import WebSocket from "ws"
+import type { ResolvedDestination, ResolvedProject } from "../schemas/ConfigFile.js"
+import { ConnectError, DaemonLocator, type Endpoint } from "./DaemonLocator.js"
+import {
+  Abort,
+  CHUNK_BYTES,
+  decodeDaemonMessage,
+  encodeChunk,
+  encodeClientMessage,
+  Hello,
+  ListManifest,
+  type ManifestEntry,
+  Mkdir,
+  PROTOCOL_VERSION,
+  Remove,
+  Rename,
+  Symlink,
+  type Welcome,
+  WINDOW_BYTES,
+  Write
+} from "../schemas/Protocol.js"
+
+// ---- errors -----------------------------------------------------------------------------------
+
+/** The session died (socket closed, heartbeat missed); operations not yet acked may not have been applied. */
+export class ConnectionLost extends Data.TaggedError("ConnectionLost")<{
+  readonly dest: string
+  readonly message: string
+}> {}
+
+/** The local file changed while it was being sent; the remote write was abandoned. Try again once it settles. */
+export class SourceChanged extends Data.TaggedError("SourceChanged")<{ readonly path: string }> {}
+
+/** The local file could not be read (permissions, I/O); the remote write was abandoned. */
+export class SourceUnreadable extends Data.TaggedError("SourceUnreadable")<{ readonly path: string; readonly message: string }> {}
+
+/** The daemon refused or failed one operation; the session goes on. */
+export class OperationFailed extends Data.TaggedError("OperationFailed")<{
+  readonly dest: string
+  readonly path: string
+  readonly code: "confinement" | "io" | "protocol" | "aborted"
+  readonly message: string
+}> {}
+
+// ---- sessions ---------------------------------------------------------------------------------
+
+export type Ack = Effect.Effect<void, OperationFailed | ConnectionLost>
+
+export type OperationInput =
+  | Omit<Mkdir, "seq" | "_tag"> & { readonly _tag: "Mkdir" }
+  | Omit<Remove, "seq" | "_tag"> & { readonly _tag: "Remove" }
+  | Omit<Rename, "seq" | "_tag"> & { readonly _tag: "Rename" }
+  | Omit<Symlink, "seq" | "_tag"> & { readonly _tag: "Symlink" }
+
+export interface FileSource {
+  readonly path: string
+  readonly size: number
+  readonly mode: number
+  readonly mtime: number
+  /** Produces the file's bytes in order, calling `emit` for each chunk and awaiting it. */
+  readonly read: (
+    emit: (chunk: Uint8Array) => Effect.Effect<void, ConnectionLost>
+  ) => Effect.Effect<void, ConnectionLost | SourceChanged | SourceUnreadable>
+}
+
+export interface Session {
+  readonly welcome: Welcome
+  /** Sends one operation now; the returned effect waits for its ack. */
+  readonly send: (op: OperationInput) => Effect.Effect<Ack, ConnectionLost>
+  /**
+   * Streams a file; resolves once every byte is on the wire, returning the ack to wait for.
+   * A source that changes or fails while read aborts the remote write (nothing partial is kept).
+   */
+  readonly write: (source: FileSource) => Effect.Effect<Ack, ConnectionLost | SourceChanged | SourceUnreadable>
+  readonly manifest: Effect.Effect<ReadonlyArray<ManifestEntry>, OperationFailed | ConnectionLost>
+  /** Completes when the session is gone. */
+  readonly closed: Effect.Effect<ConnectionLost>
+}
+
+export interface SessionOptions {
+  readonly heartbeatInterval: Duration.DurationInput
+  readonly heartbeatTimeout: Duration.DurationInput
+  readonly openTimeout: Duration.DurationInput
+}
+
+const defaults: SessionOptions = { heartbeatInterval: "2 seconds", heartbeatTimeout: "5 seconds", openTimeout: "10 seconds" }
+
+interface Pending {
+  readonly path: string
+  readonly done: Deferred.Deferred<void, OperationFailed | ConnectionLost>
+  readonly entries?: Array<ManifestEntry>
+}
+
+/** Opens one session; it is closed (with code 1000) when the scope closes. */
+export const openSession = (
+  dest: ResolvedDestination,
+  project: ResolvedProject,
+  endpoint: Endpoint,
+  options: SessionOptions = defaults
+): Effect.Effect<Session, ConnectError, Scope.Scope> =>
+  Effect.gen(function* () {
+    const destName = dest.name
+    const pending = new Map<number, Pending>()
+    const closed = yield* Deferred.make<ConnectionLost>()
+    let nextSeq = 1
+    let lastPong = Date.now()
+    // Flow-control window in bytes; writers wait on `creditWaiters` when it runs out.
+    let window = WINDOW_BYTES
+    const creditWaiters = new Set<() => void>()
+
+    let lostWith: ConnectionLost | undefined
+    const lose = (message: string) => {
+      if (lostWith !== undefined) return
+      const lost = new ConnectionLost({ dest: destName, message })
+      lostWith = lost
+      Deferred.unsafeDone(closed, Effect.succeed(lost))
+      for (const p of pending.values()) Deferred.unsafeDone(p.done, Effect.fail(lost))
+      pending.clear()
+      for (const wake of creditWaiters) wake()
+      creditWaiters.clear()
+    }
+
+    const hello = new Hello({
+      protocolVersion: PROTOCOL_VERSION,
+      token: endpoint.token,
+      clientId: randomUUID(),
+      project: project.name,
+      destinationRoot: dest.destinationLocation
+    })
+
+    const { welcome, ws } = yield* Effect.acquireRelease(
+      Effect.async<{ ws: WebSocket; welcome: Welcome }, ConnectError>((resume) => {
+        const ws = new WebSocket(endpoint.url, {
+          perMessageDeflate: false,
+          maxPayload: 64 * 1024 * 1024,
+          handshakeTimeout: Duration.toMillis(options.openTimeout),
+          ...(endpoint.createConnection !== undefined ? { createConnection: endpoint.createConnection as never } : {})
+        })
+        ws.binaryType = "nodebuffer"
+        let opened = false
+        const refuse = (message: string, retryable: boolean) => {
+          if (opened) return
+          opened = true
+          ws.terminate()
+          resume(Effect.fail(new ConnectError({ dest: destName, message, retryable })))
+        }
+        ws.on("open", () => ws.send(encodeClientMessage(hello)))
+        ws.on("error", (error) => {
+          if (!opened) refuse(`cannot reach the daemon at ${endpoint.url}: ${error.message}`, true)
+          else lose(error.message)
+        })
+        ws.on("close", (code, reason) => {
+          if (!opened) refuse(`the daemon closed the connection (${code}${reason.length > 0 ? ` ${reason}` : ""})`, true)
+          else lose(`connection closed (${code}${reason.length > 0 ? ` ${reason.toString()}` : ""})`)
+        })
+        ws.on("pong", () => {
+          lastPong = Date.now()
+        })
+        ws.on("message", (data: Buffer, isBinary) => {
+          if (isBinary) return lose("unexpected binary frame from the daemon")
+          const decoded = decodeDaemonMessage(data.toString("utf8"))
+          if (decoded._tag === "Left") return lose(`unreadable message from the daemon: ${data.toString("utf8").slice(0, 200)}`)
+          const message = decoded.right
+          if (!opened) {
+            if (message._tag === "Welcome") {
+              opened = true
+              return resume(Effect.succeed({ ws, welcome: message }))
+            }
+            if (message._tag === "Rejected") {
+              // A token changes when the daemon restarts: worth another look-up. A version or root problem is not.
+              return refuse(`the daemon refused the session (${message.reason}): ${message.message}`, message.reason === "token")
+            }
+            return refuse(`unexpected ${message._tag} before Welcome`, true)
+          }
+          switch (message._tag) {
+            case "Ack": {
+              const p = pending.get(message.seq)
+              pending.delete(message.seq)
+              if (p !== undefined) Deferred.unsafeDone(p.done, Effect.void)
+              return
+            }
+            case "OpFailed": {
+              const p = pending.get(message.seq)
+              pending.delete(message.seq)
+              const failure = new OperationFailed({ dest: destName, path: p?.path ?? "?", code: message.code, message: message.message })
+              if (p !== undefined) Deferred.unsafeDone(p.done, Effect.fail(failure))
+              return
+            }
+            case "Credit": {
+              window += message.bytes
+              for (const wake of creditWaiters) wake()
+              creditWaiters.clear()
+              return
+            }
+            case "Manifest": {
+              pending.get(message.seq)?.entries?.push(...message.entries)
+              return
+            }
+            default:
+              return lose(`unexpected ${message._tag} from the daemon`)
+          }
+        })
+        return Effect.sync(() => ws.terminate())
+      }),
+      ({ ws }) =>
+        Effect.async<void>((resume) => {
+          if (ws.readyState === WebSocket.CLOSED) return resume(Effect.void)
+          ws.once("close", () => resume(Effect.void))
+          ws.close(1000, "bye")
+          const timer = setTimeout(() => ws.terminate(), 1000)
+          return Effect.sync(() => clearTimeout(timer))
+        }).pipe(Effect.ensuring(Effect.sync(() => lose("session closed"))))
+    )
+
+    // Heartbeat: a daemon (or tunnel) that stops answering pings is declared lost.
+    const interval = Duration.toMillis(options.heartbeatInterval)
+    const timeout = Duration.toMillis(options.heartbeatTimeout)
+    yield* Effect.gen(function* () {
+      for (;;) {
+        yield* Effect.sleep(interval)
+        if (Date.now() - lastPong > timeout) {
+          ws.terminate()
+          lose(`no heartbeat from the daemon for ${Math.round(timeout / 1000)} s`)
+          return
+        }
+        if (ws.readyState === WebSocket.OPEN) ws.ping()
+      }
+    }).pipe(Effect.interruptible, Effect.forkScoped)
+
+    const ensureOpen = Effect.suspend(() => (lostWith === undefined ? Effect.void : Effect.fail(lostWith)))
+
+    const register = (path: string, entries?: Array<ManifestEntry>) => {
+      const seq = nextSeq
+      nextSeq = nextSeq >= 0xffffffff ? 1 : nextSeq + 1
+      const done = Deferred.unsafeMake<void, OperationFailed | ConnectionLost>(FiberId.none)
+      pending.set(seq, entries === undefined ? { path, done } : { path, done, entries })
+      return { seq, ack: Deferred.await(done) }
+    }
+
+    const frame = (data: string | Buffer) =>
+      Effect.suspend(() => {
+        if (ws.readyState !== WebSocket.OPEN) {
+          lose("connection closed")
+          return Effect.fail(lostWith!)
+        }
+        ws.send(data)
+        return Effect.void
+      })
+
+    const send = (op: OperationInput) =>
+      Effect.gen(function* () {
+        yield* ensureOpen
+        const path = op._tag === "Rename" ? op.from : op.path
+        const { ack, seq } = register(path)
+        const message =
+          op._tag === "Mkdir"
+            ? new Mkdir({ ...op, seq })
+            : op._tag === "Remove"
+              ? new Remove({ ...op, seq })
+              : op._tag === "Rename"
+                ? new Rename({ ...op, seq })
+                : new Symlink({ ...op, seq })
+        yield* frame(encodeClientMessage(message))
+        return ack
+      })
+
+    const takeCredit = (bytes: number): Effect.Effect<void, ConnectionLost> =>
+      Effect.suspend(() => {
+        // A chunk bigger than the whole window still goes once the window is full again.
+        if (window >= Math.min(bytes, WINDOW_BYTES)) {
+          window -= bytes
+          return Effect.void
+        }
+        return Effect.async<void>((resume) => {
+          const wake = () => resume(Effect.void)
+          creditWaiters.add(wake)
+          return Effect.sync(() => creditWaiters.delete(wake))
+        }).pipe(Effect.zipRight(ensureOpen), Effect.zipRight(takeCredit(bytes)))
+      })
+
+    const write = (source: FileSource) =>
+      Effect.gen(function* () {
+        yield* ensureOpen
+        const { ack, seq } = register(source.path)
+        yield* frame(
+          encodeClientMessage(new Write({ seq, path: source.path, size: source.size, mode: source.mode, mtime: source.mtime }))
+        )
+        let sent = 0
+        const abort = Effect.zipRight(frame(encodeClientMessage(new Abort({ seq }))), Effect.ignore(ack))
+        yield* source
+          .read((chunk) =>
+            Effect.gen(function* () {
+              for (let offset = 0; offset < chunk.byteLength; offset += CHUNK_BYTES) {
+                const piece = chunk.subarray(offset, Math.min(offset + CHUNK_BYTES, chunk.byteLength))
+                yield* takeCredit(piece.byteLength)
+                yield* frame(encodeChunk(seq, piece))
+                sent += piece.byteLength
+              }
+            })
+          )
+          .pipe(
+            Effect.filterOrFail(
+              () => sent === source.size,
+              () => new SourceChanged({ path: source.path })
+            ),
+            // Wait for the daemon to discard its partial file so a retry cannot race it.
+            Effect.tapError((error) => (error._tag === "ConnectionLost" ? Effect.void : abort))
+          )
+        return ack
+      })
+
+    const manifest = Effect.gen(function* () {
+      yield* ensureOpen
+      const entries: Array<ManifestEntry> = []
+      const { ack, seq } = register(".", entries)
+      yield* frame(encodeClientMessage(new ListManifest({ seq })))
+      yield* ack
+      return entries
+    })
+
+    return { welcome, send, write, manifest, closed: Deferred.await(closed) } satisfies Session
+  })
+
+// ---- the service ------------------------------------------------------------------------------
+
+export class RemoteConnection extends Context.Tag("sicksync/RemoteConnection")<
+  RemoteConnection,
+  {
+    /** Locates (starting if needed) the destination's daemon and opens a session to it. */
+    readonly open: (dest: ResolvedDestination, project: ResolvedProject) => Effect.Effect<Session, ConnectError, Scope.Scope>
+  }
+>() {}
+
+export const make = (options: SessionOptions = defaults) =>
+  Effect.gen(function* () {
+    const locator = yield* DaemonLocator
+    return RemoteConnection.of({
+      open: (dest, project) =>
+        Effect.flatMap(locator.locate(dest), (endpoint) => openSession(dest, project, endpoint, options)).pipe(
+          Effect.withSpan("RemoteConnection.open", { attributes: { dest: dest.name } })
+        )
+    })
+  })
+
+export const layer = (options: SessionOptions = defaults) => Layer.effect(RemoteConnection, make(options))

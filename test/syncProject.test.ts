@@ -1,0 +1,256 @@
+import { describe, expect, it } from "@effect/vitest"
+import { Deferred, Duration, Effect, Exit, Fiber, Layer, Random, Schedule, Scope, TestClock } from "effect"
+import * as fs from "node:fs"
+import * as os from "node:os"
+import * as path from "node:path"
+import { makeDestinationWorker, reconnectSchedule, type SyncOptions } from "../src/programs/syncProject.js"
+import type { ResolvedDestination, ResolvedProject } from "../src/schemas/ConfigFile.js"
+import { ConnectError } from "../src/services/DaemonLocator.js"
+import { fromPatterns } from "../src/services/Excludes.js"
+import { ConnectionLost, RemoteConnection, type Session } from "../src/services/RemoteConnection.js"
+
+const fast: SyncOptions = { settle: "5 millis", backoffBase: "5 millis", backoffCap: "20 millis" }
+
+const dest = (name: string): ResolvedDestination => ({
+  name,
+  hostname: name,
+  destinationLocation: `/tmp/${name}`,
+  username: undefined,
+  port: undefined,
+  identityFile: undefined,
+  websocketPort: 0,
+  transport: "local"
+})
+
+const project = (root: string, ...names: Array<string>): ResolvedProject => ({
+  name: "p",
+  alias: undefined,
+  root,
+  configFile: path.join(root, ".sicksync-config.json"),
+  destinations: names.map(dest),
+  excludes: [],
+  excludesFile: [],
+  followSymLinks: false
+})
+
+/**
+ * A remote that records what reaches each destination. A destination can be offline (open fails),
+ * have its session killed, or be held (acks wait until released).
+ */
+const fakeRemote = Effect.gen(function* () {
+  const applied = new Map<string, Array<string>>()
+  const offline = new Set<string>()
+  const sessions = new Map<string, Deferred.Deferred<ConnectionLost>>()
+  const held = new Map<string, Deferred.Deferred<void>>()
+  const opens = new Map<string, number>()
+  const record = (d: string, entry: string) => applied.set(d, [...(applied.get(d) ?? []), entry])
+  const ackFor = (d: string, closed: Deferred.Deferred<ConnectionLost>) =>
+    Effect.gen(function* () {
+      const gate = held.get(d)
+      if (gate !== undefined) yield* Deferred.await(gate)
+      if (yield* Deferred.isDone(closed)) return yield* Effect.flatMap(Deferred.await(closed), Effect.fail)
+    })
+
+  const layer = Layer.succeed(
+    RemoteConnection,
+    RemoteConnection.of({
+      open: (d) =>
+        Effect.gen(function* () {
+          opens.set(d.name, (opens.get(d.name) ?? 0) + 1)
+          if (offline.has(d.name)) return yield* new ConnectError({ dest: d.name, message: "offline", retryable: true })
+          const closed = yield* Deferred.make<ConnectionLost>()
+          sessions.set(d.name, closed)
+          const session: Session = {
+            welcome: { _tag: "Welcome", protocolVersion: 1, daemonVersion: "test", sessionId: "s", root: d.destinationLocation } as never,
+            send: (op) =>
+              Effect.sync(() => {
+                record(d.name, `${op._tag} ${op._tag === "Rename" ? op.from : op.path}`)
+                return ackFor(d.name, closed)
+              }),
+            write: (source) =>
+              Effect.gen(function* () {
+                const parts: Array<Uint8Array> = []
+                yield* source.read((chunk) => Effect.sync(() => void parts.push(chunk)))
+                record(d.name, `Write ${source.path} ${Buffer.concat(parts).toString()}`)
+                return ackFor(d.name, closed)
+              }),
+            manifest: Effect.succeed([]),
+            closed: Deferred.await(closed)
+          }
+          return session
+        })
+    })
+  )
+  return { applied, offline, sessions, held, opens, layer }
+})
+
+const tmpRoot = () => fs.mkdtempSync(path.join(os.tmpdir(), "sicksync-sync-"))
+
+const eventually = <A>(check: () => A | undefined, what: string) =>
+  Effect.gen(function* () {
+    const deadline = Date.now() + 5000
+    for (;;) {
+      const value = check()
+      if (value !== undefined && value !== false) return value
+      if (Date.now() > deadline) return yield* Effect.dieMessage(`timed out waiting for ${what}`)
+      yield* Effect.sleep("5 millis")
+    }
+  })
+
+describe("destination worker", () => {
+  it.live("sends new files, directories and removals, parents first", () =>
+    Effect.gen(function* () {
+      const root = tmpRoot()
+      fs.mkdirSync(path.join(root, "a/b"), { recursive: true })
+      fs.writeFileSync(path.join(root, "a/b/f.txt"), "hello")
+      const remote = yield* fakeRemote
+      const scope = yield* Scope.make()
+      const worker = yield* makeDestinationWorker(project(root, "one"), dest("one"), fromPatterns([]), fast).pipe(
+        Effect.provide(remote.layer)
+      )
+      yield* Effect.forkIn(worker.run, scope)
+      yield* worker.offer([
+        { path: "a/b/f.txt", kind: "upsert" },
+        { path: "gone", kind: "remove" },
+        { path: "a", kind: "upsert" },
+        { path: "a/b", kind: "upsert" }
+      ])
+      const applied = yield* eventually(() => (remote.applied.get("one")?.length === 4 ? remote.applied.get("one") : undefined), "4 ops")
+      expect(applied).toEqual(["Remove gone", "Mkdir a", "Mkdir a/b", "Write a/b/f.txt hello"])
+      yield* Scope.close(scope, Exit.void)
+    })
+  )
+
+  it.live("a change for a path that no longer exists becomes a removal; excluded paths are skipped", () =>
+    Effect.gen(function* () {
+      const root = tmpRoot()
+      fs.writeFileSync(path.join(root, "x.log"), "log")
+      const remote = yield* fakeRemote
+      const scope = yield* Scope.make()
+      const worker = yield* makeDestinationWorker(project(root, "one"), dest("one"), fromPatterns(["*.log"]), fast).pipe(
+        Effect.provide(remote.layer)
+      )
+      yield* Effect.forkIn(worker.run, scope)
+      yield* worker.offer([{ path: "x.log", kind: "upsert" }, { path: "vanished.txt", kind: "upsert" }])
+      const applied = yield* eventually(() => remote.applied.get("one"), "an op")
+      expect(applied).toEqual(["Remove vanished.txt"])
+      yield* Scope.close(scope, Exit.void)
+    })
+  )
+
+  it.live("an offline destination queues changes (latest wins) and catches up when back", () =>
+    Effect.gen(function* () {
+      const root = tmpRoot()
+      const remote = yield* fakeRemote
+      remote.offline.add("one")
+      const scope = yield* Scope.make()
+      const worker = yield* makeDestinationWorker(project(root, "one"), dest("one"), fromPatterns([]), fast).pipe(
+        Effect.provide(remote.layer)
+      )
+      yield* Effect.forkIn(worker.run, scope)
+      fs.writeFileSync(path.join(root, "f"), "v1")
+      yield* worker.offer([{ path: "f", kind: "upsert" }])
+      yield* eventually(() => (remote.opens.get("one") ?? 0) >= 3, "a few connection attempts")
+      fs.writeFileSync(path.join(root, "f"), "v2")
+      yield* worker.offer([{ path: "f", kind: "upsert" }, { path: "g", kind: "upsert" }])
+      yield* worker.offer([{ path: "g", kind: "remove" }])
+      remote.offline.delete("one")
+      const applied = yield* eventually(() => (remote.applied.get("one")?.length === 2 ? remote.applied.get("one") : undefined), "catch-up")
+      expect([...applied].sort()).toEqual(["Remove g", "Write f v2"])
+      yield* Scope.close(scope, Exit.void)
+    })
+  )
+
+  it.live("changes not acknowledged when the connection dies are sent again after reconnecting", () =>
+    Effect.gen(function* () {
+      const root = tmpRoot()
+      fs.writeFileSync(path.join(root, "f"), "data")
+      const remote = yield* fakeRemote
+      const gate = yield* Deferred.make<void>()
+      remote.held.set("one", gate)
+      const scope = yield* Scope.make()
+      const worker = yield* makeDestinationWorker(project(root, "one"), dest("one"), fromPatterns([]), fast).pipe(
+        Effect.provide(remote.layer)
+      )
+      yield* Effect.forkIn(worker.run, scope)
+      yield* worker.offer([{ path: "f", kind: "upsert" }])
+      yield* eventually(() => remote.applied.get("one")?.length === 1, "first attempt")
+      // The session dies before the ack: the write must be retried on the next session.
+      remote.held.delete("one")
+      yield* Deferred.succeed(remote.sessions.get("one")!, new ConnectionLost({ dest: "one", message: "cut" }))
+      yield* Deferred.succeed(gate, undefined)
+      const applied = yield* eventually(() => (remote.applied.get("one")?.length === 2 ? remote.applied.get("one") : undefined), "retry")
+      expect(applied).toEqual(["Write f data", "Write f data"])
+      expect(remote.opens.get("one")).toBe(2)
+      yield* Scope.close(scope, Exit.void)
+    })
+  )
+
+  it.live("a held destination does not delay another", () =>
+    Effect.gen(function* () {
+      const root = tmpRoot()
+      fs.writeFileSync(path.join(root, "f"), "x")
+      const remote = yield* fakeRemote
+      const gate = yield* Deferred.make<void>()
+      remote.held.set("slow", gate)
+      const p = project(root, "slow", "fast")
+      const scope = yield* Scope.make()
+      const workers = yield* Effect.forEach(p.destinations, (d) => makeDestinationWorker(p, d, fromPatterns([]), fast)).pipe(
+        Effect.provide(remote.layer)
+      )
+      for (const w of workers) yield* Effect.forkIn(w.run, scope)
+      for (let i = 0; i < 5; i++) {
+        fs.writeFileSync(path.join(root, `f${i}`), `${i}`)
+        for (const w of workers) yield* w.offer([{ path: `f${i}`, kind: "upsert" }])
+        yield* eventually(() => remote.applied.get("fast")?.includes(`Write f${i} ${i}`), `fast gets f${i}`)
+      }
+      expect(remote.applied.get("slow")).toEqual(["Write f0 0"])
+      yield* Deferred.succeed(gate, undefined)
+      yield* eventually(() => remote.applied.get("slow")?.length === 5, "slow catches up")
+      yield* Scope.close(scope, Exit.void)
+    })
+  )
+
+  it.live("a destination that refuses for good is halted without retrying", () =>
+    Effect.gen(function* () {
+      const root = tmpRoot()
+      let attempts = 0
+      const refusing = Layer.succeed(
+        RemoteConnection,
+        RemoteConnection.of({
+          open: (d) =>
+            Effect.suspend(() => {
+              attempts++
+              return Effect.fail(new ConnectError({ dest: d.name, message: "protocol mismatch", retryable: false }))
+            })
+        })
+      )
+      const worker = yield* makeDestinationWorker(project(root, "one"), dest("one"), fromPatterns([]), fast).pipe(
+        Effect.provide(refusing)
+      )
+      yield* worker.run
+      expect(attempts).toBe(1)
+    })
+  )
+})
+
+describe("reconnect backoff", () => {
+  it.effect("grows exponentially from the base and is capped, with jitter pinned to 1.0", () =>
+    Effect.gen(function* () {
+      const delays: Array<number> = []
+      const fiber = yield* Effect.fail("down").pipe(
+        Effect.retry(
+          reconnectSchedule({ settle: "1 millis", backoffBase: "100 millis", backoffCap: "1 second" }).pipe(
+            Schedule.tapOutput((d) => Effect.sync(() => delays.push(Math.round(Duration.toMillis(d))))),
+            Schedule.intersect(Schedule.recurs(6))
+          )
+        ),
+        Effect.fork
+      )
+      for (let i = 0; i < 7; i++) yield* TestClock.adjust("1 second")
+      yield* Fiber.await(fiber)
+      expect(delays.slice(0, 6)).toEqual([100, 200, 400, 800, 1000, 1000])
+    }).pipe(Effect.withRandom(Random.fixed([0.5])))
+  )
+})
+
