@@ -17,6 +17,7 @@ import {
 } from "../schemas/ConfigFile.js"
 import {
   ConfigError,
+  decodeLegacyProject,
   decodeProjectJson,
   expandHome,
   legacyToProjectFile,
@@ -48,10 +49,18 @@ const checkAlias = (registry: Registry, alias: string, exceptPath?: string) => {
     : Effect.fail(new RegistryConflict({ message: `The alias "${alias}" is already used by ${taken.path}.` }))
 }
 
+/** The home directory's .sicksync-config.json is the registry: a project there can be neither created nor registered. */
+const homeConflict = (registryFile: string) =>
+  new RegistryConflict({
+    message: `${registryFile} is the registry of projects, so a project cannot live in ${path.dirname(registryFile)} itself; use a subdirectory.`
+  })
+
 /** Adds (or updates the alias of) a project in the registry. Returns the entry as written. */
 const register = (root: string, alias: string | undefined, explicitAlias: boolean) =>
   Effect.gen(function* () {
     const config = yield* SyncConfig
+    // Writing the registry would replace the project's own file.
+    if (path.join(root, PROJECT_FILE) === config.registryFile) return yield* homeConflict(config.registryFile)
     const loaded = yield* config.readRegistry
     const registry = loaded.registry ?? emptyRegistry()
     const existing = registry.projects.find((p) => path.resolve(p.path) === root)
@@ -81,8 +90,10 @@ export const init = Effect.fn("manage.init")(function* (options: InitOptions) {
   const config = yield* SyncConfig
   const root = path.resolve(options.cwd)
   const file = path.join(root, PROJECT_FILE)
-  const present = yield* config.findProjectFile(root)
-  if (present === file) {
+  if (file === config.registryFile) return yield* homeConflict(config.registryFile)
+  // Any file: one that is not a project file (a registry, a 1.x config) must not be replaced either.
+  const present = yield* Effect.promise(() => fs.access(file).then(() => true, () => false))
+  if (present) {
     return yield* new RegistryConflict({ message: `${file} already exists; edit it, or register it with \`sicksync add\`.` })
   }
   const loaded = yield* config.readRegistry
@@ -212,6 +223,8 @@ export const migrate = Effect.gen(function* () {
   let registry = loaded.registry ?? emptyRegistry()
   const written: Array<string> = []
   const skipped: Array<string> = []
+  // Every project is checked before anything is written.
+  for (const source of sources) for (let i = 0; i < source.projects.length; i++) yield* decodeLegacyProject(source, i)
 
   for (const source of sources) {
     if (source.format === "1.x") {
@@ -226,6 +239,10 @@ export const migrate = Effect.gen(function* () {
     for (const legacy of source.projects) {
       const root = path.resolve(expandHome(config.home, legacy.sourceLocation))
       const file = path.join(root, PROJECT_FILE)
+      if (file === config.registryFile) {
+        skipped.push(`${legacy.project ?? root}: ${file} is the registry; move the project to a subdirectory of ${root}`)
+        continue
+      }
       const rootExists = yield* Effect.promise(() => fs.stat(root).then((s) => s.isDirectory(), () => false))
       if (!rootExists) {
         skipped.push(`${legacy.project ?? root}: ${root} does not exist`)

@@ -35,7 +35,7 @@ const ListenPort = Schema.Number.pipe(
   Schema.between(0, 65535),
   expected("an integer between 0 and 65535 (0 = any free port)")
 )
-const StringList = Schema.Array(Schema.String).pipe(shape("a list of strings"))
+const StringList = Schema.Array(Schema.String.pipe(expected("a string"))).pipe(shape("a list of strings"))
 const Bool = Schema.Boolean.pipe(expected("true or false"))
 
 /** Absolute, or relative to the remote user's home with `~/`. `~` alone is refused: the home itself is never a root. */
@@ -77,7 +77,7 @@ export const ProjectFile = Schema.Struct({
     shape("a non-empty list of destinations")
   ),
   excludes: Schema.optionalWith(StringList, { exact: true }),
-  excludesFile: Schema.optionalWith(Schema.Union(Schema.String, StringList).pipe(shape("a path or a list of paths")), {
+  excludesFile: Schema.optionalWith(Schema.Union(Schema.String, StringList).pipe(expected("a path or a list of paths")), {
     exact: true
   }),
   followSymLinks: Schema.optionalWith(Bool, { exact: true }),

@@ -76,9 +76,10 @@ const lineAndColumn = (text: string, offset: number) => {
 /** Parses strict JSON; a syntax error points at its line and column. */
 export const parseJsonText = (file: string, text: string): Either.Either<unknown, ConfigError> => {
   const errors: Array<JsoncError> = []
+  // Checked first: the parser reports an empty text as "expected a value" at line 1, column 1.
+  if (text.trim() === "") return Either.left(new ConfigError({ file, issues: ["invalid JSON: the file is empty"] }))
   const value: unknown = parseJsonc(text, errors, { disallowComments: true, allowTrailingComma: false })
-  if (errors.length === 0 && text.trim() !== "") return Either.right(value)
-  if (errors.length === 0) return Either.left(new ConfigError({ file, issues: ["invalid JSON: the file is empty"] }))
+  if (errors.length === 0) return Either.right(value)
   const first = errors[0]!
   const { line, column } = lineAndColumn(text, first.offset)
   const what = jsonErrorText[printParseErrorCode(first.error)] ?? printParseErrorCode(first.error)
@@ -112,6 +113,22 @@ const DESTINATION_KEYS = new Set([
   "websocketPort",
   "transport"
 ])
+const REGISTRY_KEYS = new Set(["$schema", "projects", "defaults"])
+const REGISTRY_ENTRY_KEYS = new Set(["path", "alias", "active"])
+const DEFAULTS_KEYS = new Set(["username", "identityFile", "websocketPort", "excludes"])
+
+/** Warnings for registry keys nobody reads. */
+export const registryWarnings = (raw: unknown): ReadonlyArray<string> => {
+  if (!isRecord(raw)) return []
+  const unknown = (value: unknown, known: ReadonlySet<string>, prefix: string) =>
+    isRecord(value) ? Object.keys(value).filter((k) => !known.has(k)).map((k) => `${prefix}${k}: unknown key, ignored`) : []
+  return [
+    ...unknown(raw, REGISTRY_KEYS, ""),
+    ...(Array.isArray(raw.projects) ? raw.projects.flatMap((p, i) => unknown(p, REGISTRY_ENTRY_KEYS, `projects.${i}.`)) : []),
+    ...unknown(raw.defaults, DEFAULTS_KEYS, "defaults.")
+  ]
+}
+
 /** Single-destination spelling of 1.x/2.x: these top-level keys describe the one destination. */
 const LEGACY_DESTINATION_KEYS = ["hostname", "destinationLocation", "username", "userName", "port", "identityFile", "transport"]
 
@@ -256,6 +273,20 @@ export interface LegacySource {
   readonly projects: ReadonlyArray<LegacyProject>
 }
 
+/** Project `index` of a legacy source as a valid project file; issues name the path in the legacy file. */
+export const decodeLegacyProject = (source: LegacySource, index: number): Either.Either<ProjectFile, ConfigError> =>
+  decodeWith(ProjectFile, source.file, legacyToProjectFile(source.projects[index]!)).pipe(
+    Either.mapLeft(
+      (error) =>
+        new ConfigError({
+          file: error.file,
+          issues: error.issues.map((issue) =>
+            `${source.format === "2.x" ? `projects.${index}.` : ""}${issue.replace(/^destinations\.0\./, "")}`
+          )
+        })
+    )
+  )
+
 export interface Registered {
   readonly entry: RegistryEntry
   readonly name: string
@@ -301,6 +332,8 @@ export const make = (options: { readonly home?: string } = {}) =>
     const home = path.resolve(options.home ?? os.homedir())
     const registryFile = path.join(home, REGISTRY_FILE)
     const legacyFile = path.join(home, ".sicksync", "config.json")
+    /** Registry warnings already logged by this instance. */
+    const warned = new Set<string>()
 
     const ioError = (file: string, what: string) => (cause: unknown) =>
       new ConfigError({ file, issues: [`cannot ${what}: ${cause instanceof Error ? cause.message : String(cause)}`] })
@@ -352,6 +385,12 @@ export const make = (options: { readonly home?: string } = {}) =>
         else aliases.set(p.alias, i)
       })
       if (issues.length > 0) return yield* new ConfigError({ file: registryFile, issues })
+      // Commands read the registry more than once: say each thing once.
+      for (const warning of registryWarnings(read.json)) {
+        if (warned.has(warning)) continue
+        warned.add(warning)
+        yield* Effect.logWarning(`${registryFile}: ${warning}`)
+      }
       return { file: registryFile, registry }
     }).pipe(Effect.withSpan("Config.readRegistry"))
 
@@ -399,9 +438,10 @@ export const make = (options: { readonly home?: string } = {}) =>
     const loadEntry = (loaded: LoadedRegistry, entry: RegistryEntry) =>
       loadProjectWith(path.join(entry.path, PROJECT_FILE), loaded)
 
-    const loadLegacy = (source: LegacySource, legacy: LegacyProject) =>
+    const loadLegacy = (source: LegacySource, index: number) =>
       Effect.gen(function* () {
-        const config = yield* decodeWith(ProjectFile, source.file, legacyToProjectFile(legacy))
+        const legacy = source.projects[index]!
+        const config = yield* decodeLegacyProject(source, index)
         const resolved = yield* resolveProjectFile({
           file: path.join(expandHome(home, legacy.sourceLocation), PROJECT_FILE),
           config,
@@ -434,7 +474,7 @@ export const make = (options: { readonly home?: string } = {}) =>
       const entries = loaded.registry?.projects ?? []
       // Legacy projects stand in for a registry that has not been written yet.
       const legacy = loaded.registry === undefined ? yield* readLegacy : []
-      const legacyProjects = legacy.flatMap((source) => source.projects.map((project) => ({ source, project })))
+      const legacyProjects = legacy.flatMap((source) => source.projects.map((project, index) => ({ source, project, index })))
       if (legacy.length > 0) {
         yield* Effect.logWarning(
           `using legacy config ${legacy.map((s) => s.file).join(", ")}; run \`sicksync migrate\` to move to .sicksync-config.json files`
@@ -446,7 +486,7 @@ export const make = (options: { readonly home?: string } = {}) =>
           const entry = entries.find((p) => p.alias === alias)
           if (entry !== undefined) return loadEntry(loaded, entry)
           const old = legacyProjects.find((l) => l.project.project === alias)
-          if (old !== undefined) return loadLegacy(old.source, old.project)
+          if (old !== undefined) return loadLegacy(old.source, old.index)
           return Effect.fail(
             new ProjectNotFound({
               message: `No project with alias "${alias}".\n${describeRegistered(loaded, legacy)}`
@@ -458,7 +498,7 @@ export const make = (options: { readonly home?: string } = {}) =>
       if (request.all) {
         const active = entries.filter((p) => p.active !== false)
         if (active.length > 0) return yield* loadAll(active, (entry) => loadEntry(loaded, entry))
-        if (legacyProjects.length > 0) return yield* loadAll(legacyProjects, (l) => loadLegacy(l.source, l.project))
+        if (legacyProjects.length > 0) return yield* loadAll(legacyProjects, (l) => loadLegacy(l.source, l.index))
         return yield* new ProjectNotFound({
           message: `No active projects to sync.\n${describeRegistered(loaded, legacy)}\nRegister one with \`sicksync add <path>\` or \`sicksync init\`.`
         })
@@ -475,7 +515,7 @@ export const make = (options: { readonly home?: string } = {}) =>
         .sort((a, b) => b.path.length - a.path.length)[0]
       if (containing !== undefined) return [yield* loadEntry(loaded, containing)]
       const old = legacyProjects.find((l) => inside(path.resolve(expandHome(home, l.project.sourceLocation))))
-      if (old !== undefined) return [yield* loadLegacy(old.source, old.project)]
+      if (old !== undefined) return [yield* loadLegacy(old.source, old.index)]
       return yield* new ProjectNotFound({
         message: [
           request.global
