@@ -12,7 +12,7 @@ import { SyncConfig } from "../services/Config.js"
 import { VERSION } from "../version.js"
 import * as manage from "./manage.js"
 import { runSync } from "./sync.js"
-// DAEMON_IMPORT
+import { daemonCommand, startDaemonCommand } from "./daemonCommands.js"
 
 /** A command line that cannot be acted on; printed as is. */
 export class UsageError extends Data.TaggedError("UsageError")<{ readonly message: string }> {}
@@ -129,7 +129,7 @@ const migrate = Command.make("migrate", {}, () => manage.migrate).pipe(
 )
 
 export const command = root.pipe(
-  Command.withSubcommands([init, add, remove, list, info, migrate])
+  Command.withSubcommands([init, add, remove, list, info, migrate, daemonCommand, startDaemonCommand])
 )
 
 export const cli = Command.run(command, { name: "sicksync", version: VERSION })

@@ -1,0 +1,645 @@
+/**
+ * The daemon, in-process on a free port with a temporary HOME, spoken to with a raw ws client.
+ * start-daemon is exercised against a bundle of the two daemon commands built into a temp dir.
+ */
+import { Cause, Effect, Exit, Fiber, Logger } from "effect"
+import { execFile, spawn } from "node:child_process"
+import * as crypto from "node:crypto"
+import * as fs from "node:fs"
+import * as os from "node:os"
+import * as path from "node:path"
+import { fileURLToPath } from "node:url"
+import { afterAll, beforeAll, describe, expect, it } from "vitest"
+import { type DaemonOptions, runDaemon } from "../src/programs/daemon.js"
+import {
+  Abort,
+  MAX_FRAME_BYTES,
+  Mkdir,
+  PROTOCOL_VERSION,
+  Remove,
+  Rename,
+  Symlink,
+  Write
+} from "../src/schemas/Protocol.js"
+import * as DestinationFs from "../src/services/DestinationFs.js"
+import { VERSION } from "../src/version.js"
+import { DaemonClient, eventually, readDaemonState } from "./support/daemonClient.js"
+
+const tempDir = (prefix: string) => fs.realpathSync(fs.mkdtempSync(path.join(os.tmpdir(), prefix)))
+
+interface RunningDaemon {
+  readonly home: string
+  readonly port: number
+  readonly token: string
+  readonly pid: number
+  readonly fiber: Fiber.RuntimeFiber<void, unknown>
+  readonly logs: Array<string>
+}
+
+const startDaemon = async (options: Partial<DaemonOptions> & { readonly home: string }): Promise<RunningDaemon> => {
+  const logs: Array<string> = []
+  const logger = Logger.make(({ message }) => {
+    logs.push(Array.isArray(message) ? message.join(" ") : String(message))
+  })
+  const fiber = Effect.runFork(
+    runDaemon({ port: 0, graceMs: 60_000, ...options }).pipe(
+      Effect.provide(DestinationFs.layer({ home: options.home })),
+      Effect.provide(Logger.replace(Logger.defaultLogger, logger))
+    )
+  )
+  const state = await eventually(() => {
+    const exit = fiber.unsafePoll()
+    if (exit !== null) throw new Error(`daemon exited early: ${Exit.isFailure(exit) ? Cause.pretty(exit.cause) : "success"}`)
+    return readDaemonState(options.home)
+  }, 5_000, "daemon.json")
+  return { home: options.home, port: state.port, token: state.token, pid: state.pid, fiber, logs }
+}
+
+const sha = (b: Uint8Array) => crypto.createHash("sha256").update(b).digest("hex")
+const listTemps = (dir: string) => fs.readdirSync(dir).filter((n) => n.includes(".sicksync-"))
+
+// ---- one shared daemon for the protocol tests --------------------------------------------------
+
+let daemon: RunningDaemon
+let rootCounter = 0
+
+beforeAll(async () => {
+  daemon = await startDaemon({ home: tempDir("sicksync-daemon-home-") })
+})
+
+afterAll(async () => {
+  await Effect.runPromise(Fiber.interrupt(daemon.fiber))
+  // interrupting runs the finalizers: state file and lock are gone
+  expect(fs.existsSync(path.join(daemon.home, ".sicksync", "daemon.json"))).toBe(false)
+  expect(fs.existsSync(path.join(daemon.home, ".sicksync", "daemon.lock"))).toBe(false)
+  // the token never appeared in a log line
+  expect(daemon.logs.some((l) => l.includes(daemon.token))).toBe(false)
+})
+
+/** A fresh authenticated session on a fresh root `~/dest-N`; returns the client and the root's path. */
+const openSession = async () => {
+  const name = `dest-${++rootCounter}`
+  const client = await DaemonClient.connect(daemon.port)
+  const welcome = await client.hello({ token: daemon.token, destinationRoot: `~/${name}` })
+  expect(welcome._tag).toBe("Welcome")
+  return { client, root: path.join(daemon.home, name) }
+}
+
+const expectFailed = (reply: { _tag: string }, code: string) => expect(reply).toMatchObject({ _tag: "OpFailed", code })
+
+describe("state and handshake", () => {
+  it("writes daemon.json 0600 in a 0700 ~/.sicksync, with a lock holding the pid", () => {
+    const dir = path.join(daemon.home, ".sicksync")
+    expect(fs.statSync(dir).mode & 0o777).toBe(0o700)
+    const statePath = path.join(dir, "daemon.json")
+    expect(fs.statSync(statePath).mode & 0o777).toBe(0o600)
+    const state = readDaemonState(daemon.home)!
+    expect(state).toMatchObject({ pid: process.pid, version: VERSION, protocolVersion: PROTOCOL_VERSION })
+    expect(state.token).toMatch(/^[0-9a-f]{64}$/)
+    expect(fs.readFileSync(path.join(dir, "daemon.lock"), "utf8").trim()).toBe(String(process.pid))
+    expect(fs.readdirSync(dir).filter((n) => n.endsWith(".tmp"))).toEqual([])
+  })
+
+  it("welcomes a Hello with the right token and creates the root", async () => {
+    const client = await DaemonClient.connect(daemon.port)
+    const welcome = await client.hello({ token: daemon.token, destinationRoot: "~/projects/web" })
+    expect(welcome).toMatchObject({
+      _tag: "Welcome",
+      protocolVersion: PROTOCOL_VERSION,
+      daemonVersion: VERSION,
+      root: path.join(daemon.home, "projects/web")
+    })
+    expect(fs.statSync(path.join(daemon.home, "projects/web")).isDirectory()).toBe(true)
+    const absolute = await DaemonClient.connect(daemon.port)
+    const abs = path.join(daemon.home, "abs-root")
+    expect(await absolute.hello({ token: daemon.token, destinationRoot: abs })).toMatchObject({ _tag: "Welcome", root: abs })
+    await client.close()
+    await absolute.close()
+  })
+
+  const rejected = async (send: (c: DaemonClient) => void, reason: string) => {
+    const client = await DaemonClient.connect(daemon.port)
+    send(client)
+    const reply = await client.take()
+    expect(reply).toMatchObject({ _tag: "Rejected", reason })
+    const closed = await client.closed
+    expect(closed.code).toBe(1008)
+  }
+
+  it("rejects a missing token", () =>
+    rejected(
+      (c) =>
+        c.sendRaw(
+          JSON.stringify({ _tag: "Hello", protocolVersion: PROTOCOL_VERSION, clientId: "x", project: "p", destinationRoot: "~/x" })
+        ),
+      "token"
+    ))
+
+  it("rejects a wrong token (same length and other length)", async () => {
+    const wrong = daemon.token.slice(0, -1) + (daemon.token.endsWith("0") ? "1" : "0")
+    await rejected((c) => c.hello({ token: wrong }), "token")
+    await rejected((c) => c.hello({ token: "short" }), "token")
+    await rejected((c) => c.hello({ token: "" }), "token")
+  })
+
+  it("rejects another protocol version", () => rejected((c) => c.hello({ token: daemon.token, protocolVersion: 99 }), "protocol-version"))
+
+  it("rejects a first message that is not a Hello", async () => {
+    await rejected((c) => c.send(new Mkdir({ seq: 1, path: "a", mode: 0o755 })), "bad-hello")
+    await rejected((c) => c.sendRaw("not json"), "bad-hello")
+    await rejected((c) => c.sendRaw(Buffer.from([0, 0, 0, 1, 2])), "bad-hello")
+  })
+
+  it("rejects roots that are /, the home directory, relative, or above home", async () => {
+    fs.symlinkSync(daemon.home, path.join(daemon.home, "..", path.basename(daemon.home) + "-link"))
+    const linkToHome = path.join(daemon.home, "..", path.basename(daemon.home) + "-link")
+    for (const destinationRoot of ["/", "~", "~/", daemon.home, linkToHome, "relative/dir", "./x", "~/..", "/.."]) {
+      await rejected((c) => c.hello({ token: daemon.token, destinationRoot }), "root")
+    }
+    fs.unlinkSync(linkToHome)
+  })
+
+  it("closes a connection that sends no Hello within the timeout", async () => {
+    const home = tempDir("sicksync-hello-timeout-")
+    const d = await startDaemon({ home, helloTimeoutMs: 200 })
+    const client = await DaemonClient.connect(d.port)
+    expect((await client.closed).code).toBe(1008)
+    await Effect.runPromise(Fiber.interrupt(d.fiber))
+  })
+})
+
+describe("operations", () => {
+  it("writes a small file with mode and mtime", async () => {
+    const { client, root } = await openSession()
+    const mtime = Date.UTC(2020, 0, 2, 3, 4, 5, 678)
+    expect(await client.write(1, "bin/run.sh", Buffer.from("#!/bin/sh\necho hi\n"), { mode: 0o755, mtime })).toMatchObject({
+      _tag: "Ack",
+      seq: 1
+    })
+    const file = path.join(root, "bin/run.sh")
+    expect(fs.readFileSync(file, "utf8")).toBe("#!/bin/sh\necho hi\n")
+    const st = fs.statSync(file)
+    expect(st.mode & 0o7777).toBe(0o755)
+    expect(Math.abs(st.mtimeMs - mtime)).toBeLessThan(1)
+    expect(Math.abs(st.atimeMs - mtime)).toBeLessThan(1)
+    // overwrite keeps atomic rename semantics and applies the new mode
+    expect(await client.write(2, "bin/run.sh", Buffer.from("v2"), { mode: 0o600 })).toMatchObject({ _tag: "Ack" })
+    expect(fs.readFileSync(file, "utf8")).toBe("v2")
+    expect(fs.statSync(file).mode & 0o7777).toBe(0o600)
+    expect(listTemps(path.join(root, "bin"))).toEqual([])
+    await client.close()
+  })
+
+  it("writes an empty file and a binary file with every byte value", async () => {
+    const { client, root } = await openSession()
+    expect(await client.write(1, "empty", Buffer.alloc(0))).toMatchObject({ _tag: "Ack" })
+    expect(fs.readFileSync(path.join(root, "empty")).byteLength).toBe(0)
+    const bytes = Buffer.alloc(256 * 4)
+    for (let i = 0; i < bytes.byteLength; i++) bytes[i] = i % 256
+    expect(await client.write(2, "all-bytes.bin", bytes, { chunkBytes: 100 })).toMatchObject({ _tag: "Ack" })
+    expect(Buffer.compare(fs.readFileSync(path.join(root, "all-bytes.bin")), bytes)).toBe(0)
+    await client.close()
+  })
+
+  it("streams a multi-chunk file with Credit flow control", async () => {
+    const { client, root } = await openSession()
+    const content = crypto.randomBytes(5 * 1024 * 1024 + 123)
+    const window = 1024 * 1024
+    const reply = await client.write(1, "big/blob.bin", content, { chunkBytes: 256 * 1024, window })
+    expect(reply).toMatchObject({ _tag: "Ack", seq: 1 })
+    expect(sha(fs.readFileSync(path.join(root, "big/blob.bin")))).toBe(sha(content))
+    // every chunk byte was credited back, and the window was respected (so credits did flow mid-file)
+    await eventually(() => client.creditBytes === content.byteLength, 5_000, "all credits")
+    expect(client.maxInFlight).toBeLessThanOrEqual(window)
+    expect(client.received.filter((m) => m._tag === "Credit").length).toBeGreaterThan(5)
+    // the Ack came after the last Credit
+    const lastCredit = client.received.map((m) => m._tag).lastIndexOf("Credit")
+    const ack = client.received.findIndex((m) => m._tag === "Ack" && m.seq === 1)
+    expect(ack).toBeGreaterThan(lastCredit)
+    await client.close()
+  })
+
+  it("replaces a directory with a file, and a file with a directory", async () => {
+    const { client, root } = await openSession()
+    fs.mkdirSync(path.join(root, "thing/sub"), { recursive: true })
+    fs.writeFileSync(path.join(root, "thing/sub/f"), "x")
+    expect(await client.write(1, "thing", Buffer.from("now a file"))).toMatchObject({ _tag: "Ack" })
+    expect(fs.readFileSync(path.join(root, "thing"), "utf8")).toBe("now a file")
+    expect(await client.op(new Mkdir({ seq: 2, path: "thing", mode: 0o750 }))).toMatchObject({ _tag: "Ack" })
+    expect(fs.statSync(path.join(root, "thing")).isDirectory()).toBe(true)
+    expect(fs.statSync(path.join(root, "thing")).mode & 0o777).toBe(0o750)
+    await client.close()
+  })
+
+  it("mkdir -p with mode and mtime, remove file, remove tree, remove missing", async () => {
+    const { client, root } = await openSession()
+    const mtime = Date.UTC(2021, 5, 6)
+    expect(await client.op(new Mkdir({ seq: 1, path: "a/b/c", mode: 0o700, mtime }))).toMatchObject({ _tag: "Ack" })
+    const st = fs.statSync(path.join(root, "a/b/c"))
+    expect(st.isDirectory()).toBe(true)
+    expect(st.mode & 0o777).toBe(0o700)
+    expect(Math.abs(st.mtimeMs - mtime)).toBeLessThan(1)
+    expect(await client.op(new Mkdir({ seq: 2, path: "a/b/c", mode: 0o755 }))).toMatchObject({ _tag: "Ack" })
+    expect(fs.statSync(path.join(root, "a/b/c")).mode & 0o777).toBe(0o755)
+
+    await client.write(3, "a/b/c/file.txt", Buffer.from("x"))
+    expect(await client.op(new Remove({ seq: 4, path: "a/b/c/file.txt" }))).toMatchObject({ _tag: "Ack" })
+    expect(fs.existsSync(path.join(root, "a/b/c/file.txt"))).toBe(false)
+    await client.write(5, "a/b/c/deep/er.txt", Buffer.from("x"))
+    expect(await client.op(new Remove({ seq: 6, path: "a" }))).toMatchObject({ _tag: "Ack" })
+    expect(fs.existsSync(path.join(root, "a"))).toBe(false)
+    expect(await client.op(new Remove({ seq: 7, path: "never/was/here" }))).toMatchObject({ _tag: "Ack" })
+    expect(fs.existsSync(root)).toBe(true)
+    await client.close()
+  })
+
+  it("renames, creating the target's parents and replacing a directory there", async () => {
+    const { client, root } = await openSession()
+    await client.write(1, "old.txt", Buffer.from("content"))
+    expect(await client.op(new Rename({ seq: 2, from: "old.txt", to: "new/place/new.txt" }))).toMatchObject({ _tag: "Ack" })
+    expect(fs.existsSync(path.join(root, "old.txt"))).toBe(false)
+    expect(fs.readFileSync(path.join(root, "new/place/new.txt"), "utf8")).toBe("content")
+    fs.mkdirSync(path.join(root, "dir/inner"), { recursive: true })
+    expect(await client.op(new Rename({ seq: 3, from: "new/place/new.txt", to: "dir" }))).toMatchObject({ _tag: "Ack" })
+    expect(fs.readFileSync(path.join(root, "dir"), "utf8")).toBe("content")
+    expectFailed(await client.op(new Rename({ seq: 4, from: "missing", to: "x" })), "io")
+    await client.close()
+  })
+
+  it("creates symlinks with the target stored as-is, replacing what is there", async () => {
+    const { client, root } = await openSession()
+    const outside = tempDir("sicksync-outside-")
+    expect(await client.op(new Symlink({ seq: 1, path: "links/out", target: outside }))).toMatchObject({ _tag: "Ack" })
+    expect(fs.readlinkSync(path.join(root, "links/out"))).toBe(outside)
+    await client.write(2, "links/file", Buffer.from("x"))
+    expect(await client.op(new Symlink({ seq: 3, path: "links/file", target: "../../../etc/passwd" }))).toMatchObject({
+      _tag: "Ack"
+    })
+    expect(fs.readlinkSync(path.join(root, "links/file"))).toBe("../../../etc/passwd")
+    // replacing a link replaces the link, never writes through it
+    expect(await client.write(4, "links/out", Buffer.from("a file now"))).toMatchObject({ _tag: "Ack" })
+    expect(fs.lstatSync(path.join(root, "links/out")).isFile()).toBe(true)
+    expect(fs.readdirSync(outside)).toEqual([])
+    // removing a link to a directory removes the link, not the directory's content
+    fs.writeFileSync(path.join(outside, "keep"), "keep")
+    await client.op(new Symlink({ seq: 5, path: "links/dirlink", target: outside }))
+    expect(await client.op(new Remove({ seq: 6, path: "links/dirlink" }))).toMatchObject({ _tag: "Ack" })
+    expect(fs.readFileSync(path.join(outside, "keep"), "utf8")).toBe("keep")
+    expect(listTemps(path.join(root, "links"))).toEqual([])
+    await client.close()
+  })
+
+  it("lists the manifest in pages of at most 1000, skipping temp files", async () => {
+    const { client, root } = await openSession()
+    fs.mkdirSync(path.join(root, "many/sub"), { recursive: true })
+    for (let i = 0; i < 1500; i++) fs.writeFileSync(path.join(root, "many", `f${i}`), "")
+    fs.writeFileSync(path.join(root, "many/sub/x.txt"), "12345")
+    fs.chmodSync(path.join(root, "many/sub/x.txt"), 0o640)
+    fs.symlinkSync("../elsewhere", path.join(root, "many/link"))
+    fs.writeFileSync(path.join(root, "many/.x.txt.sicksync-0123456789abcdef.tmp"), "partial")
+    const { entries, pages, reply } = await client.listManifest(7)
+    expect(reply).toMatchObject({ _tag: "Ack", seq: 7 })
+    expect(pages.length).toBeGreaterThanOrEqual(2)
+    for (const page of pages) expect(page.entries.length).toBeLessThanOrEqual(1000)
+    expect(pages.map((p) => p.done)).toEqual([...pages.slice(1).map(() => false), true])
+    expect(entries.length).toBe(1500 + 4) // many, many/sub, many/sub/x.txt, many/link + the files
+    const byPath = new Map(entries.map((e) => [e.path, e]))
+    expect(byPath.get("many")).toMatchObject({ type: "dir" })
+    expect(byPath.get("many/sub/x.txt")).toMatchObject({ type: "file", size: 5, mode: 0o640 })
+    expect(byPath.get("many/link")).toMatchObject({ type: "symlink", target: "../elsewhere" })
+    expect(entries.some((e) => e.path.includes("sicksync-"))).toBe(false)
+    expect(entries.every((e) => !e.path.startsWith("/") && !e.path.includes("\\"))).toBe(true)
+    await client.close()
+  })
+
+  it("applies operations in order", async () => {
+    const { client, root } = await openSession()
+    // pipelined without waiting: mkdir, write into it, rename, remove the old parent
+    client.send(new Mkdir({ seq: 1, path: "p", mode: 0o755 }))
+    client.send(new Write({ seq: 2, path: "p/f", size: 3, mode: 0o644, mtime: Date.now() }))
+    client.sendChunk(2, Buffer.from("abc"))
+    client.send(new Rename({ seq: 3, from: "p/f", to: "q/f" }))
+    client.send(new Remove({ seq: 4, path: "p" }))
+    for (const seq of [1, 2, 3, 4]) expect(await client.reply(seq)).toMatchObject({ _tag: "Ack", seq })
+    expect(fs.readFileSync(path.join(root, "q/f"), "utf8")).toBe("abc")
+    expect(fs.existsSync(path.join(root, "p"))).toBe(false)
+    await client.close()
+  })
+})
+
+describe("atomicity", () => {
+  it("Abort deletes the temp file and answers aborted", async () => {
+    const { client, root } = await openSession()
+    client.send(new Write({ seq: 1, path: "partial.bin", size: 1000, mode: 0o644, mtime: Date.now() }))
+    client.sendChunk(1, Buffer.alloc(400, 1))
+    await eventually(() => client.creditBytes === 400, 5_000, "credit for the first chunk")
+    expect(listTemps(root).length).toBe(1)
+    client.send(new Abort({ seq: 1 }))
+    expect(await client.reply(1)).toMatchObject({ _tag: "OpFailed", code: "aborted" })
+    expect(fs.readdirSync(root)).toEqual([])
+    // exactly one reply for seq 1
+    await client.op(new Mkdir({ seq: 2, path: "d", mode: 0o755 }))
+    expect(client.received.filter((m) => "seq" in m && m.seq === 1 && m._tag !== "Manifest").length).toBe(1)
+    await client.close()
+  })
+
+  it("a disconnect mid-write deletes the temp file and leaves the old content", async () => {
+    const { client, root } = await openSession()
+    await client.write(1, "keep.txt", Buffer.from("old"))
+    client.send(new Write({ seq: 2, path: "keep.txt", size: 1000, mode: 0o644, mtime: Date.now() }))
+    client.sendChunk(2, Buffer.alloc(500, 7))
+    await eventually(() => client.creditBytes >= 503, 5_000, "credit")
+    expect(listTemps(root).length).toBe(1)
+    await client.terminate()
+    await eventually(() => listTemps(root).length === 0, 5_000, "temp file removed")
+    expect(fs.readFileSync(path.join(root, "keep.txt"), "utf8")).toBe("old")
+  })
+})
+
+describe("bad input is contained to its session", () => {
+  /** A second, healthy session on its own root that must keep working. */
+  const bystander = async () => {
+    const s = await openSession()
+    let seq = 100
+    return {
+      ...s,
+      check: async () => {
+        const n = ++seq
+        expect(await s.client.write(n, `ok-${n}.txt`, Buffer.from(`hello ${n}`))).toMatchObject({ _tag: "Ack", seq: n })
+        expect(fs.readFileSync(path.join(s.root, `ok-${n}.txt`), "utf8")).toBe(`hello ${n}`)
+      }
+    }
+  }
+
+  it("garbage text frame: session closed, others unaffected", async () => {
+    const other = await bystander()
+    const { client } = await openSession()
+    client.sendRaw("{ this is not json")
+    expect((await client.closed).code).toBe(1002)
+    await other.check()
+    await other.client.close()
+  })
+
+  it("unknown message: OpFailed protocol when it has a seq, closed otherwise", async () => {
+    const other = await bystander()
+    const { client } = await openSession()
+    client.sendRaw(JSON.stringify({ _tag: "Explode", seq: 5 }))
+    expect(await client.reply(5)).toMatchObject({ _tag: "OpFailed", code: "protocol" })
+    client.sendRaw(JSON.stringify({ _tag: "Write", seq: 6, path: "x" })) // missing fields
+    expect(await client.reply(6)).toMatchObject({ _tag: "OpFailed", code: "protocol" })
+    expect(await client.op(new Mkdir({ seq: 7, path: "still-works", mode: 0o755 }))).toMatchObject({ _tag: "Ack" })
+    client.sendRaw(JSON.stringify({ _tag: "Explode" }))
+    expect((await client.closed).code).toBe(1002)
+    await other.check()
+    await other.client.close()
+  })
+
+  it("garbage binary frames: chunk for an unknown seq refused, a runt frame closes", async () => {
+    const other = await bystander()
+    const { client, root } = await openSession()
+    client.sendRaw(Buffer.from([0, 0, 0, 42, 1, 2, 3]))
+    expect(await client.reply(42)).toMatchObject({ _tag: "OpFailed", code: "protocol" })
+    // more bytes than announced
+    client.send(new Write({ seq: 43, path: "short.txt", size: 2, mode: 0o644, mtime: Date.now() }))
+    client.sendChunk(43, Buffer.from("toolong"))
+    expect(await client.reply(43)).toMatchObject({ _tag: "OpFailed", code: "protocol" })
+    expect(fs.existsSync(path.join(root, "short.txt"))).toBe(false)
+    expect(listTemps(root)).toEqual([])
+    client.sendRaw(Buffer.from([1, 2]))
+    expect((await client.closed).code).toBe(1002)
+    await other.check()
+    await other.client.close()
+  })
+
+  it("oversized frame: session closed with 1009 and logged, others unaffected", async () => {
+    const other = await bystander()
+    const { client, root } = await openSession()
+    client.send(new Write({ seq: 1, path: "huge.bin", size: MAX_FRAME_BYTES * 2, mode: 0o644, mtime: Date.now() }))
+    client.sendRaw(Buffer.alloc(MAX_FRAME_BYTES + 1))
+    expect((await client.closed).code).toBe(1009)
+    await other.check()
+    await eventually(() => listTemps(root).length === 0, 5_000, "temp removed")
+    await eventually(() => daemon.logs.some((l) => /code 1009/.test(l)), 5_000, "a log line about 1009")
+    await other.client.close()
+  })
+
+  it("a client that ignores pings is terminated", async () => {
+    const home = tempDir("sicksync-heartbeat-")
+    const d = await startDaemon({ home, heartbeatIntervalMs: 50, heartbeatTimeoutMs: 200 })
+    const client = await DaemonClient.connect(d.port, { autoPong: false })
+    expect((await client.hello({ token: d.token, destinationRoot: "~/x" }))._tag).toBe("Welcome")
+    expect((await client.closed).code).toBe(1006)
+    await Effect.runPromise(Fiber.interrupt(d.fiber))
+  })
+})
+
+describe("confinement", () => {
+  it("refuses paths that escape the root, writing nothing outside", async () => {
+    const { client, root } = await openSession()
+    const outside = tempDir("sicksync-outside-")
+    fs.symlinkSync(outside, path.join(root, "escape"))
+    fs.mkdirSync(path.join(root, "real"))
+    fs.symlinkSync("real", path.join(root, "inside"))
+    let seq = 0
+    fs.writeFileSync(path.join(root, "victim"), "v")
+    const escapes = ["../x", "/etc/x", "a/../../x", "a/../b", "..", "a\0b", "escape/x", "escape/sub/x", "inside/../../x"]
+    for (const p of escapes) {
+      expectFailed(await client.write(++seq, p, Buffer.from("pwned")), "confinement")
+      expectFailed(await client.op(new Mkdir({ seq: ++seq, path: p, mode: 0o777 })), "confinement")
+      expectFailed(await client.op(new Symlink({ seq: ++seq, path: p, target: "/" })), "confinement")
+      expectFailed(await client.op(new Remove({ seq: ++seq, path: p })), "confinement")
+      expectFailed(await client.op(new Rename({ seq: ++seq, from: p, to: "y" })), "confinement")
+      expectFailed(await client.op(new Rename({ seq: ++seq, from: "victim", to: p })), "confinement")
+    }
+    // the root itself is never written, removed or renamed
+    for (const p of ["", ".", "./", "a/.."]) {
+      expectFailed(await client.write(++seq, p, Buffer.from("pwned")), "confinement")
+      expectFailed(await client.op(new Symlink({ seq: ++seq, path: p, target: "/" })), "confinement")
+      expectFailed(await client.op(new Remove({ seq: ++seq, path: p })), "confinement")
+      expectFailed(await client.op(new Rename({ seq: ++seq, from: p, to: "y" })), "confinement")
+      expectFailed(await client.op(new Rename({ seq: ++seq, from: "victim", to: p })), "confinement")
+    }
+    expectFailed(await client.op(new Mkdir({ seq: ++seq, path: "", mode: 0o777 })), "confinement")
+    // nothing happened outside, the root is intact
+    expect(fs.readdirSync(outside)).toEqual([])
+    expect(fs.existsSync(path.join(root, "..", "x"))).toBe(false)
+    expect(fs.statSync(root).isDirectory()).toBe(true)
+    expect(fs.readFileSync(path.join(root, "victim"), "utf8")).toBe("v")
+    // a symlink that stays inside the root is fine
+    expect(await client.write(++seq, "inside/ok.txt", Buffer.from("ok"))).toMatchObject({ _tag: "Ack" })
+    expect(fs.readFileSync(path.join(root, "real/ok.txt"), "utf8")).toBe("ok")
+    // normalisation of // and ./ stays inside
+    expect(await client.write(++seq, "./n//m.txt", Buffer.from("n"))).toMatchObject({ _tag: "Ack" })
+    expect(fs.readFileSync(path.join(root, "n/m.txt"), "utf8")).toBe("n")
+    // the chunks of a refused write are credited and dropped
+    await eventually(() => client.creditBytes === client.sentChunkBytes, 5_000, "credits for dropped chunks")
+    expect(daemon.logs.some((l) => l.includes("refused"))).toBe(true)
+    await client.close()
+  })
+})
+
+describe("lifecycle", () => {
+  it("exits after the grace once the last client leaves, removing daemon.json and the lock", async () => {
+    const home = tempDir("sicksync-grace-")
+    const d = await startDaemon({ home, graceMs: 300 })
+    const client = await DaemonClient.connect(d.port)
+    expect((await client.hello({ token: d.token, destinationRoot: "~/x" }))._tag).toBe("Welcome")
+    await client.close()
+    const exit = await eventually(() => d.fiber.unsafePoll() ?? undefined, 5_000, "daemon exit")
+    expect(Exit.isSuccess(exit)).toBe(true)
+    expect(fs.existsSync(path.join(home, ".sicksync", "daemon.json"))).toBe(false)
+    expect(fs.existsSync(path.join(home, ".sicksync", "daemon.lock"))).toBe(false)
+    expect(d.logs.some((l) => l.includes("shutting down"))).toBe(true)
+  })
+
+  it("exits when no client arrives within the grace after start", async () => {
+    const home = tempDir("sicksync-grace0-")
+    const d = await startDaemon({ home, graceMs: 200 })
+    const exit = await eventually(() => d.fiber.unsafePoll() ?? undefined, 5_000, "daemon exit")
+    expect(Exit.isSuccess(exit)).toBe(true)
+    expect(fs.existsSync(path.join(home, ".sicksync", "daemon.json"))).toBe(false)
+  })
+
+  it("a reconnect within the grace keeps it alive", async () => {
+    const home = tempDir("sicksync-reconnect-")
+    const graceMs = 400
+    const d = await startDaemon({ home, graceMs })
+    const first = await DaemonClient.connect(d.port)
+    expect((await first.hello({ token: d.token, destinationRoot: "~/x" }))._tag).toBe("Welcome")
+    await first.close()
+    const second = await DaemonClient.connect(d.port)
+    expect((await second.hello({ token: d.token, destinationRoot: "~/x" }))._tag).toBe("Welcome")
+    // well past the grace measured from the first client's departure: still serving
+    await new Promise((r) => setTimeout(r, graceMs * 2))
+    expect(d.fiber.unsafePoll()).toBeNull()
+    expect(await second.op(new Mkdir({ seq: 1, path: "alive", mode: 0o755 }))).toMatchObject({ _tag: "Ack" })
+    await second.close()
+    await eventually(() => d.fiber.unsafePoll() ?? undefined, 5_000, "daemon exit")
+    expect(fs.existsSync(path.join(home, ".sicksync", "daemon.json"))).toBe(false)
+  })
+
+  it("refuses a second daemon for the same HOME, and takes over a stale lock", async () => {
+    const second = await Effect.runPromiseExit(
+      runDaemon({ port: 0, graceMs: 1_000, home: daemon.home }).pipe(Effect.provide(DestinationFs.layer({ home: daemon.home })))
+    )
+    expect(second).toMatchObject({ _tag: "Failure" })
+    const error = Exit.isFailure(second) ? Cause.failureOption(second.cause) : undefined
+    expect(error).toMatchObject({ value: { _tag: "DaemonAlreadyRunning", pid: process.pid } })
+    // the running daemon still owns its files
+    expect(readDaemonState(daemon.home)?.pid).toBe(process.pid)
+
+    const home = tempDir("sicksync-stale-")
+    const dead = await new Promise<number>((resolve) => {
+      const child = spawn(process.execPath, ["-e", ""])
+      child.on("exit", () => resolve(child.pid!))
+    })
+    fs.mkdirSync(path.join(home, ".sicksync"), { mode: 0o700 })
+    fs.writeFileSync(path.join(home, ".sicksync", "daemon.lock"), `${dead}\n`)
+    fs.utimesSync(path.join(home, ".sicksync", "daemon.lock"), new Date(0), new Date(0))
+    const d = await startDaemon({ home })
+    expect(fs.readFileSync(path.join(home, ".sicksync", "daemon.lock"), "utf8").trim()).toBe(String(process.pid))
+    await Effect.runPromise(Fiber.interrupt(d.fiber))
+  })
+})
+
+// ---- start-daemon against a real bundle ---------------------------------------------------------
+
+describe("start-daemon", () => {
+  let bundle: string
+
+  beforeAll(async () => {
+    const { build } = await import("esbuild")
+    const dir = tempDir("sicksync-bundle-")
+    const src = path.join(path.dirname(fileURLToPath(import.meta.url)), "..", "src")
+    bundle = path.join(dir, "sicksync-daemon-test.mjs")
+    await build({
+      stdin: {
+        contents: `
+          import * as Command from "@effect/cli/Command"
+          import * as NodeContext from "@effect/platform-node/NodeContext"
+          import * as NodeRuntime from "@effect/platform-node/NodeRuntime"
+          import { Effect } from "effect"
+          import { daemonCommand, startDaemonCommand } from "./programs/daemonCommands.ts"
+          const root = Command.make("sicksync").pipe(Command.withSubcommands([daemonCommand, startDaemonCommand]))
+          Command.run(root, { name: "sicksync", version: "test" })(process.argv).pipe(
+            Effect.provide(NodeContext.layer),
+            NodeRuntime.runMain
+          )`,
+        resolveDir: src,
+        loader: "ts"
+      },
+      outfile: bundle,
+      bundle: true,
+      platform: "node",
+      format: "esm",
+      target: "node20",
+      logLevel: "error",
+      external: ["bufferutil", "utf-8-validate", "cpu-features"],
+      banner: { js: "import { createRequire as __r } from 'node:module'; const require = __r(import.meta.url);" }
+    })
+  })
+
+  const run = (home: string, ...args: Array<string>) =>
+    new Promise<{ code: number | null; stdout: string; stderr: string }>((resolve) => {
+      execFile(
+        process.execPath,
+        [bundle, "start-daemon", ...args],
+        { env: { ...process.env, HOME: home }, timeout: 20_000 },
+        (error, stdout, stderr) => resolve({ code: error === null ? 0 : (error.code as number | null), stdout, stderr })
+      )
+    })
+
+  it("two concurrent start-daemons end with one daemon; both report it; SIGTERM cleans up", async () => {
+    const home = tempDir("sicksync-start-")
+    const [a, b] = await Promise.all([run(home, "--port", "0", "--grace-ms", "10000"), run(home, "--port", "0", "--grace-ms", "10000")])
+    expect(a.code).toBe(0)
+    expect(b.code).toBe(0)
+    const lines = [a, b].map((r) => {
+      const out = r.stdout.trim().split("\n")
+      expect(out.length).toBe(1)
+      return JSON.parse(out[0]!) as { port: number; pid: number; version: string; protocolVersion: number; started: boolean }
+    })
+    expect(lines[0]!.pid).toBe(lines[1]!.pid)
+    expect(lines[0]!.port).toBe(lines[1]!.port)
+    expect(lines.filter((l) => l.started).length).toBe(1)
+    expect(lines[0]).toMatchObject({ version: VERSION, protocolVersion: PROTOCOL_VERSION })
+    const state = readDaemonState(home)!
+    expect(state.pid).toBe(lines[0]!.pid)
+    expect(fs.existsSync(path.join(home, ".sicksync", "logs", "daemon.log"))).toBe(true)
+
+    // a third one finds it running
+    const c = await run(home, "--port", "0")
+    expect(JSON.parse(c.stdout)).toMatchObject({ pid: state.pid, port: state.port, started: false })
+
+    // it serves
+    const client = await DaemonClient.connect(state.port)
+    expect((await client.hello({ token: state.token, destinationRoot: "~/p" }))._tag).toBe("Welcome")
+    expect(await client.write(1, "f.txt", Buffer.from("hi"))).toMatchObject({ _tag: "Ack" })
+    await client.close()
+
+    process.kill(state.pid, "SIGTERM")
+    await eventually(() => {
+      try {
+        process.kill(state.pid, 0)
+        return false
+      } catch {
+        return true
+      }
+    }, 5_000, "daemon exit")
+    expect(fs.existsSync(path.join(home, ".sicksync", "daemon.json"))).toBe(false)
+    expect(fs.existsSync(path.join(home, ".sicksync", "daemon.lock"))).toBe(false)
+    expect(fs.readFileSync(path.join(home, ".sicksync", "logs", "daemon.log"), "utf8")).not.toContain(state.token)
+  })
+
+  it("reports a daemon that cannot start, with the log tail", async () => {
+    const home = tempDir("sicksync-start-fail-")
+    // daemon.json is a directory: the daemon cannot publish its state and gives up
+    fs.mkdirSync(path.join(home, ".sicksync", "daemon.json"), { recursive: true })
+    const r = await run(home, "--port", "0")
+    expect(r.code).not.toBe(0)
+    expect(r.stdout).toBe("")
+    expect(r.stderr).toContain("could not start")
+    expect(r.stderr).toContain("last lines of")
+    expect(fs.existsSync(path.join(home, ".sicksync", "daemon.lock"))).toBe(false)
+  })
+})
