@@ -1,0 +1,622 @@
+/**
+ * The management CLI end to end: the built bundle (dist/sicksync.mjs) run as a child process with a
+ * temporary $HOME, temporary project directories as cwd and stdin that is not a terminal.
+ */
+import { JSONSchema, type Schema } from "effect"
+import { execFileSync, spawnSync } from "node:child_process"
+import * as fs from "node:fs"
+import * as os from "node:os"
+import * as path from "node:path"
+import { fileURLToPath, pathToFileURL } from "node:url"
+import { afterAll, beforeAll, describe, expect, it } from "vitest"
+import { ProjectFile, Registry } from "../src/schemas/ConfigFile.js"
+
+const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..")
+const BIN = path.join(ROOT, "dist", "sicksync.mjs")
+const PROJECT_FILE = ".sicksync-config.json"
+const PROJECT_SCHEMA_URL = pathToFileURL(path.join(ROOT, "schema", "project.schema.json")).href
+const REGISTRY_SCHEMA_URL = pathToFileURL(path.join(ROOT, "schema", "registry.schema.json")).href
+const PICK_HINT = "Pick one with `sicksync <alias>`, sync them all with `sicksync --all`, or create a project here with `sicksync init`."
+
+/** Newest modification time of the files under `dir`. */
+const newest = (dir: string): number =>
+  fs
+    .readdirSync(dir, { withFileTypes: true })
+    .reduce((max, e) => Math.max(max, e.isDirectory() ? newest(path.join(dir, e.name)) : fs.statSync(path.join(dir, e.name)).mtimeMs), 0)
+
+beforeAll(() => {
+  const sources = Math.max(
+    newest(path.join(ROOT, "src")),
+    fs.statSync(path.join(ROOT, "scripts", "build.mjs")).mtimeMs,
+    fs.statSync(path.join(ROOT, "scripts", "gen-schema.ts")).mtimeMs,
+    fs.statSync(path.join(ROOT, "package.json")).mtimeMs
+  )
+  const stale = ["project", "registry"].some((n) => !fs.existsSync(path.join(ROOT, "schema", `${n}.schema.json`)))
+  if (stale || !fs.existsSync(BIN) || fs.statSync(BIN).mtimeMs < sources) {
+    execFileSync(process.execPath, [path.join(ROOT, "scripts", "build.mjs")], { cwd: ROOT, stdio: "pipe" })
+  }
+}, 120_000)
+
+const dirs: Array<string> = []
+afterAll(() => {
+  for (const dir of dirs) fs.rmSync(dir, { recursive: true, force: true })
+})
+
+const tmp = (): string => {
+  const dir = fs.realpathSync(fs.mkdtempSync(path.join(os.tmpdir(), "sicksync-cli-")))
+  dirs.push(dir)
+  return dir
+}
+
+const mkdir = (...parts: Array<string>): string => {
+  const dir = path.join(...parts)
+  fs.mkdirSync(dir, { recursive: true })
+  return dir
+}
+
+const writeFile = (file: string, value: unknown): string => {
+  fs.mkdirSync(path.dirname(file), { recursive: true })
+  fs.writeFileSync(file, typeof value === "string" ? value : `${JSON.stringify(value, null, 2)}\n`)
+  return file
+}
+
+const writeProject = (root: string, value: unknown) => writeFile(path.join(root, PROJECT_FILE), value)
+const readJson = (file: string): unknown => JSON.parse(fs.readFileSync(file, "utf8"))
+const registryOf = (home: string) => path.join(home, PROJECT_FILE)
+
+interface Run {
+  readonly status: number | null
+  readonly stdout: string
+  readonly stderr: string
+}
+
+/** `sicksync ...args` in `cwd` with HOME=`home`; stdin is an empty pipe, not a terminal. */
+const sicksync = (home: string, cwd: string, ...args: Array<string>): Run => {
+  const env: Record<string, string | undefined> = { ...process.env, HOME: home }
+  const r = spawnSync(process.execPath, [BIN, ...args], { cwd, env, encoding: "utf8", input: "", timeout: 30_000 })
+  return { status: r.status, stdout: r.stdout, stderr: r.stderr }
+}
+
+/** A user error: exit code 1, nothing on stdout, exactly `error: <message>` on stderr, no stack trace. */
+const expectUserError = (r: Run, message: string) => {
+  expect(r.stderr).toBe(`error: ${message}\n`)
+  expect(r.stderr).not.toMatch(/^\s+at /m)
+  expect(r.stdout).toBe("")
+  expect(r.status).toBe(1)
+}
+
+const project = (hostname: string, destinationLocation: string, extra: Record<string, unknown> = {}) => ({
+  destinations: [{ hostname, destinationLocation }],
+  ...extra
+})
+
+// ---- basics -----------------------------------------------------------------------------------
+
+describe("sicksync --version / --help / --completions", () => {
+  it("--version prints the package.json version", () => {
+    const version = (readJson(path.join(ROOT, "package.json")) as { version: string }).version
+    const r = sicksync(tmp(), os.tmpdir(), "--version")
+    expect(r.stdout.trim()).toBe(version)
+    expect(r.stderr).toBe("")
+    expect(r.status).toBe(0)
+  })
+
+  it("--help lists the commands and exits 0", () => {
+    const r = sicksync(tmp(), os.tmpdir(), "--help")
+    expect(r.status).toBe(0)
+    for (const word of ["--all", "--global", "init", "add", "remove", "list", "info", "migrate", "--json", "--transport"]) {
+      expect(r.stdout).toContain(word)
+    }
+    expect(r.stderr).toBe("")
+  })
+
+  it("--completions bash prints a bash completion script", () => {
+    const r = sicksync(tmp(), os.tmpdir(), "--completions", "bash")
+    expect(r.status).toBe(0)
+    expect(r.stdout).toMatch(/^complete -F \S+ .*sicksync$/m)
+    expect(r.stderr).toBe("")
+  })
+})
+
+describe("editor JSON Schemas", () => {
+  it("are shipped, parse as JSON and equal what the Schemas generate now", () => {
+    const schemas: ReadonlyArray<readonly [string, Schema.Schema.AnyNoContext]> = [
+      ["project", ProjectFile],
+      ["registry", Registry]
+    ]
+    for (const [name, schema] of schemas) {
+      const file = path.join(ROOT, "schema", `${name}.schema.json`)
+      expect(fs.existsSync(file)).toBe(true)
+      const shipped = readJson(file)
+      expect(shipped).toEqual(JSON.parse(JSON.stringify(JSONSchema.make(schema))))
+      expect(shipped).toMatchObject({ $schema: "http://json-schema.org/draft-07/schema#" })
+    }
+  })
+})
+
+// ---- init -------------------------------------------------------------------------------------
+
+describe("sicksync init", () => {
+  it("without --host/--dest and no terminal: fails clearly and writes nothing", () => {
+    const home = tmp()
+    const dir = mkdir(home, "app")
+    expectUserError(sicksync(home, dir), `No ${PROJECT_FILE} in ${dir} or its parents, and no registered project contains it.\nNo projects are registered in ${registryOf(home)}.\n${PICK_HINT}`)
+    expectUserError(sicksync(home, dir, "init"), "sicksync init: --host is required (stdin is not a terminal to ask on)")
+    expectUserError(sicksync(home, dir, "init", "--host", "box"), "sicksync init: --dest is required (stdin is not a terminal to ask on)")
+    expect(fs.readdirSync(dir)).toEqual([])
+    expect(fs.readdirSync(home)).toEqual(["app"])
+  })
+
+  it("writes the project file with $schema and registers it", () => {
+    const home = tmp()
+    const dir = mkdir(home, "code", "my app")
+    const r = sicksync(home, dir, "init", "--alias", "app", "--host", "box", "--dest", "~/app", "--user", "joe", "--port", "2222", "--transport", "ssh")
+    expect(r.stdout).toBe(`Wrote ${path.join(dir, PROJECT_FILE)}\nRegistered ${dir} as "app" in ${registryOf(home)}\n`)
+    expect(r.stderr).toBe("")
+    expect(r.status).toBe(0)
+    expect(readJson(path.join(dir, PROJECT_FILE))).toEqual({
+      $schema: PROJECT_SCHEMA_URL,
+      project: "my app",
+      destinations: [{ hostname: "box", destinationLocation: "~/app", username: "joe", port: 2222, transport: "ssh" }],
+      excludes: [".git", ".idea", "*.swp", ".svn"]
+    })
+    expect(fs.existsSync(fileURLToPath(PROJECT_SCHEMA_URL))).toBe(true)
+    expect(readJson(registryOf(home))).toEqual({ $schema: REGISTRY_SCHEMA_URL, projects: [{ path: dir, alias: "app", active: true }] })
+    expect(fs.existsSync(fileURLToPath(REGISTRY_SCHEMA_URL))).toBe(true)
+
+    // A second init in the same directory refuses to overwrite.
+    const before = fs.readFileSync(path.join(dir, PROJECT_FILE), "utf8")
+    expectUserError(
+      sicksync(home, dir, "init", "--host", "other", "--dest", "/x"),
+      `${path.join(dir, PROJECT_FILE)} already exists; edit it, or register it with \`sicksync add\`.`
+    )
+    expect(fs.readFileSync(path.join(dir, PROJECT_FILE), "utf8")).toBe(before)
+  })
+
+  it("defaults the alias to the directory name, and never takes one already used", () => {
+    const home = tmp()
+    const first = mkdir(home, "a", "web")
+    const second = mkdir(home, "b", "web")
+    expect(sicksync(home, first, "init", "--host", "h", "--dest", "/srv/web", "--transport", "local").stdout).toBe(
+      `Wrote ${path.join(first, PROJECT_FILE)}\nRegistered ${first} as "web" in ${registryOf(home)}\n`
+    )
+    const r = sicksync(home, second, "init", "--host", "h", "--dest", "/srv/web2")
+    expect(r.stdout).toBe(`Wrote ${path.join(second, PROJECT_FILE)}\nRegistered ${second} in ${registryOf(home)}\n`)
+    expect(r.status).toBe(0)
+    expect(readJson(path.join(first, PROJECT_FILE))).toMatchObject({
+      destinations: [{ hostname: "h", destinationLocation: "/srv/web", transport: "local" }]
+    })
+    expect(readJson(registryOf(home))).toEqual({
+      $schema: REGISTRY_SCHEMA_URL,
+      projects: [
+        { path: first, alias: "web", active: true },
+        { path: second, active: true }
+      ]
+    })
+  })
+
+  it("refuses a duplicate --alias or an invalid destination before writing anything", () => {
+    const home = tmp()
+    const registry = writeFile(registryOf(home), { projects: [{ path: "/elsewhere", alias: "taken" }] })
+    const before = fs.readFileSync(registry, "utf8")
+    const dir = mkdir(home, "app")
+    expectUserError(sicksync(home, dir, "init", "--alias", "taken", "--host", "h", "--dest", "/x"), `The alias "taken" is already used by /elsewhere.`)
+    expectUserError(
+      sicksync(home, dir, "init", "--host", "h", "--dest", "relative/dir"),
+      `${path.join(dir, PROJECT_FILE)}: destinations.0.destinationLocation: expected an absolute path or one starting with ~/, got "relative/dir"`
+    )
+    expectUserError(
+      sicksync(home, dir, "init", "--host", "h", "--dest", "/x", "--port", "70000"),
+      `${path.join(dir, PROJECT_FILE)}: destinations.0.port: expected an integer between 1 and 65535, got 70000`
+    )
+    expect(fs.readdirSync(dir)).toEqual([])
+    expect(fs.readFileSync(registry, "utf8")).toBe(before)
+  })
+
+  it("refuses to create a project in $HOME, whose .sicksync-config.json is the registry", () => {
+    const home = tmp()
+    const registry = writeFile(registryOf(home), { projects: [{ path: "/elsewhere", alias: "x" }] })
+    const before = fs.readFileSync(registry, "utf8")
+    expectUserError(
+      sicksync(home, home, "init", "--host", "h", "--dest", "/x"),
+      `${registry} is the registry of projects, so a project cannot live in ${home} itself; use a subdirectory.`
+    )
+    expect(fs.readFileSync(registry, "utf8")).toBe(before)
+  })
+})
+
+// ---- add / remove / list ----------------------------------------------------------------------
+
+describe("sicksync add / remove / list", () => {
+  it("add validates the project file before registering it", () => {
+    const home = tmp()
+    const dir = mkdir(home, "app")
+    const file = writeProject(dir, { destinations: [{ hostname: "h", destinationLocation: "/x", port: "abc" }] })
+    expectUserError(sicksync(home, home, "add", dir), `${file}: destinations.0.port: expected an integer between 1 and 65535, got "abc"`)
+    expectUserError(sicksync(home, home, "add", mkdir(home, "empty")), `${path.join(home, "empty", PROJECT_FILE)}: no such file`)
+    expect(fs.existsSync(registryOf(home))).toBe(false)
+  })
+
+  it("add registers (alias from the project name), reports an existing entry, changes and refuses aliases", () => {
+    const home = tmp()
+    const app = mkdir(home, "code", "app")
+    const api = mkdir(home, "code", "api")
+    writeProject(app, project("h", "/srv/app", { project: "My App" }))
+    writeProject(api, project("h", "/srv/api"))
+
+    let r = sicksync(home, path.join(home, "code"), "add", "app")
+    expect([r.status, r.stdout, r.stderr]).toEqual([0, `Registered ${app} as "My-App"\n`, ""])
+    r = sicksync(home, app, "add")
+    expect([r.status, r.stdout, r.stderr]).toEqual([0, `${app} is registered as "My-App"\n`, ""])
+    r = sicksync(home, api, "add", "--alias", "backend")
+    expect([r.status, r.stdout, r.stderr]).toEqual([0, `Registered ${api} as "backend"\n`, ""])
+    r = sicksync(home, home, "add", app, "--alias", "front")
+    expect([r.status, r.stdout, r.stderr]).toEqual([0, `${app} is registered as "front"\n`, ""])
+    expectUserError(sicksync(home, home, "add", app, "--alias", "backend"), `The alias "backend" is already used by ${api}.`)
+
+    expect(readJson(registryOf(home))).toEqual({
+      $schema: REGISTRY_SCHEMA_URL,
+      projects: [
+        { path: app, alias: "front", active: true },
+        { path: api, alias: "backend", active: true }
+      ]
+    })
+  })
+
+  it("add: a path that does not exist is refused by the argument parser", () => {
+    const home = tmp()
+    const r = sicksync(home, home, "add", path.join(home, "nope"))
+    expect(r.status).toBe(1)
+    expect(r.stdout).toBe("")
+    expect(r.stderr.trim()).toBe(`Path '${path.join(home, "nope")}' must exist`)
+  })
+
+  it("add refuses $HOME: registering it would replace its project file with the registry", () => {
+    const home = tmp()
+    const file = writeProject(home, project("h", "/x"))
+    const before = fs.readFileSync(file, "utf8")
+    expectUserError(
+      sicksync(home, home, "add", home),
+      `${file} is the registry of projects, so a project cannot live in ${home} itself; use a subdirectory.`
+    )
+    expect(fs.readFileSync(file, "utf8")).toBe(before)
+  })
+
+  it("list shows every registered project, broken ones included; remove by alias and by path", () => {
+    const home = tmp()
+    expect(sicksync(home, home, "list")).toEqual({
+      status: 0,
+      stdout: `No projects registered in ${registryOf(home)}. Add one with \`sicksync init\` or \`sicksync add\`.\n`,
+      stderr: ""
+    })
+    const web = mkdir(home, "web")
+    const api = mkdir(home, "api")
+    const bad = mkdir(home, "bad")
+    writeProject(web, { destinations: [{ hostname: "a", destinationLocation: "/w" }, { hostname: "b", destinationLocation: "~/w" }] })
+    writeProject(api, { destinations: [{ hostname: "a", destinationLocation: "/1" }, { hostname: "a", destinationLocation: "/2" }] })
+    writeProject(bad, { destinations: [] })
+    writeFile(registryOf(home), {
+      projects: [
+        { path: web, alias: "web" },
+        { path: api, alias: "api", active: false },
+        { path: bad }
+      ]
+    })
+    const pad = (s: string, n: number) => s.padEnd(n)
+    const w = Math.max(...[web, api, bad].map((p) => p.length))
+    const r = sicksync(home, home, "list")
+    expect(r.stdout).toBe(
+      [
+        `ALIAS  ${pad("PATH", w)}  ${pad("DESTINATIONS", 57)}  ACTIVE`,
+        `web    ${pad(web, w)}  ${pad("a:/w, b:~/w", 57)}  yes`,
+        `api    ${pad(api, w)}  ${pad("a:/1:/1, a:/2:/2", 57)}  no`,
+        `-      ${pad(bad, w)}  (config error: destinations: expected a non-empty list of destinations, got [])  yes`,
+        ""
+      ].join("\n")
+    )
+    expect(r.stderr).toBe("")
+    expect(r.status).toBe(0)
+
+    let removed = sicksync(home, home, "remove", "web")
+    expect(removed).toEqual({ status: 0, stdout: `Removed web from ${registryOf(home)} (its ${PROJECT_FILE} is kept)\n`, stderr: "" })
+    removed = sicksync(home, home, "remove", "~/bad")
+    expect(removed).toEqual({ status: 0, stdout: `Removed ${bad} from ${registryOf(home)} (its ${PROJECT_FILE} is kept)\n`, stderr: "" })
+    expectUserError(sicksync(home, home, "remove", "web"), `No registered project has the alias or path "web". \`sicksync list\` shows them.`)
+    expect((readJson(registryOf(home)) as { projects: unknown }).projects).toEqual([{ path: api, alias: "api", active: false }])
+    expect(fs.existsSync(path.join(web, PROJECT_FILE))).toBe(true)
+  })
+})
+
+// ---- info: resolution -------------------------------------------------------------------------
+
+/** $HOME with a registry: web (active, nested unregistered project inside), api (inactive). */
+const setUp = () => {
+  const home = tmp()
+  const web = mkdir(home, "code", "web")
+  const api = mkdir(home, "code", "api")
+  const inner = mkdir(web, "tools", "inner")
+  writeProject(web, {
+    project: "web",
+    destinations: [
+      { hostname: "box", destinationLocation: "/srv/web", username: "joe", port: 2222 },
+      { hostname: "box", destinationLocation: "~/mirror", transport: "local", identityFile: "~/.ssh/k" }
+    ],
+    excludesFile: "conf/ignore"
+  })
+  writeProject(api, project("api-host", "/srv/api"))
+  writeProject(inner, project("inner-host", "/srv/inner"))
+  writeFile(registryOf(home), {
+    projects: [
+      { path: web, alias: "web" },
+      { path: api, alias: "api", active: false }
+    ],
+    defaults: { websocketPort: 7000 }
+  })
+  return { home, web, api, inner }
+}
+
+describe("sicksync info", () => {
+  it("from a nested subdirectory: the project and its resolved settings", () => {
+    const { home, web } = setUp()
+    const r = sicksync(home, mkdir(web, "src", "deep"), "info")
+    expect(r.stdout).toBe(
+      [
+        "web (alias web)",
+        `  root:            ${web}`,
+        `  config:          ${path.join(web, PROJECT_FILE)}`,
+        "  excludes:        .git, .idea, *.swp, .svn",
+        `  excludesFile:    ${path.join(web, "conf", "ignore")}`,
+        "  followSymLinks:  false",
+        "  destinations:",
+        "    - box:/srv/web: joe@box port 2222 → /srv/web",
+        "      transport ssh, websocketPort 7000",
+        "    - box:~/mirror: local → ~/mirror",
+        "      transport local, websocketPort 7000, identityFile ~/.ssh/k",
+        ""
+      ].join("\n")
+    )
+    expect(r.stderr).toBe("")
+    expect(r.status).toBe(0)
+  })
+
+  it("--json prints the resolved project", () => {
+    const { home, web } = setUp()
+    const r = sicksync(home, mkdir(web, "src"), "info", "--json")
+    expect(r.status).toBe(0)
+    expect(r.stderr).toBe("")
+    expect(JSON.parse(r.stdout)).toEqual({
+      name: "web",
+      alias: "web",
+      root: web,
+      configFile: path.join(web, PROJECT_FILE),
+      destinations: [
+        { name: "box:/srv/web", hostname: "box", destinationLocation: "/srv/web", username: "joe", port: 2222, websocketPort: 7000, transport: "ssh" },
+        { name: "box:~/mirror", hostname: "box", destinationLocation: "~/mirror", identityFile: "~/.ssh/k", websocketPort: 7000, transport: "local" }
+      ],
+      excludes: [".git", ".idea", "*.swp", ".svn"],
+      excludesFile: [path.join(web, "conf", "ignore")],
+      followSymLinks: false
+    })
+  })
+
+  it("aliases, -g and --all", () => {
+    const { home, web, api, inner } = setUp()
+    const roots = (r: Run) => {
+      expect(r.stderr).toBe("")
+      expect(r.status).toBe(0)
+      const json = JSON.parse(r.stdout) as { root: string } | Array<{ root: string }>
+      return Array.isArray(json) ? json.map((p) => p.root) : json.root
+    }
+    expect(roots(sicksync(home, home, "info", "api", "web", "--json"))).toEqual([api, web])
+    expect(roots(sicksync(home, inner, "info", "--json"))).toBe(inner)
+    expect(roots(sicksync(home, inner, "info", "-g", "--json"))).toBe(web)
+    expect(roots(sicksync(home, home, "info", "--all", "--json"))).toEqual([web])
+  })
+
+  it("says what is registered and how to pick one when nothing matches", () => {
+    const { home, web, api } = setUp()
+    const listing = [`Registered projects (${registryOf(home)}):`, `  ${"web".padEnd(16)} ${web}`, `  ${"api".padEnd(16)} ${api}  (inactive)`].join("\n")
+    const outside = mkdir(home, "outside")
+    expectUserError(
+      sicksync(home, outside, "info"),
+      `No ${PROJECT_FILE} in ${outside} or its parents, and no registered project contains it.\n${listing}\n${PICK_HINT}`
+    )
+    expectUserError(sicksync(home, outside, "info", "nope"), `No project with alias "nope".\n${listing}`)
+  })
+
+  it("unknown keys: one warning on stderr, the JSON on stdout intact", () => {
+    const home = tmp()
+    const dir = mkdir(home, "app")
+    const file = writeProject(dir, { ...project("h", "/x"), colour: "red" })
+    const r = sicksync(home, dir, "info", "--json")
+    expect(r.stderr).toBe(`warning: ${file}: colour: unknown key, ignored\n`)
+    expect(JSON.parse(r.stdout)).toMatchObject({ name: "app", root: dir })
+    expect(r.status).toBe(0)
+  })
+
+  it("config errors: file, JSON path, expected and found; once; exit 1; no stack trace — also for the root command", () => {
+    const home = tmp()
+    const dir = mkdir(home, "app")
+    const file = writeProject(dir, { destinations: [{ hostname: "h", destinationLocation: "/x", port: "abc" }] })
+    const message = `${file}: destinations.0.port: expected an integer between 1 and 65535, got "abc"`
+    expectUserError(sicksync(home, mkdir(dir, "sub"), "info"), message)
+    const root = sicksync(home, dir)
+    expect(root.status).toBe(1)
+    expect(root.stderr.split(message).length - 1).toBe(1)
+    expect(root.stderr).not.toMatch(/^\s+at /m)
+
+    writeFile(file, `{\n  "destinations": [\n    { "hostname": "h", "destinationLocation": "/x" }\n  ]\n`)
+    expectUserError(sicksync(home, dir, "info"), `${file}: invalid JSON at line 5, column 1: expected '}'`)
+  })
+
+  it("a duplicate alias in the registry is a config error naming both entries", () => {
+    const home = tmp()
+    const registry = writeFile(registryOf(home), { projects: [{ path: "/a", alias: "x" }, { path: "/b", alias: "x" }] })
+    expectUserError(sicksync(home, home, "info", "x"), `${registry}: projects.1.alias: "x" is already the alias of projects.0`)
+    expect(sicksync(home, home, "x").status).toBe(1)
+  })
+})
+
+// ---- migrate and legacy configurations ---------------------------------------------------------
+
+/** A 2.x/3.x `~/.sicksync/config.json`: a (as ~/code/a), b (absolute) and a project whose directory is gone. */
+const legacyV2 = (home: string, b: string) => ({
+  debug: true,
+  retryOnDisconnect: true,
+  prefersEncrypted: false,
+  version: "3.1.0",
+  projects: [
+    {
+      project: "a",
+      hostname: "ha",
+      username: "ua",
+      sourceLocation: "~/code/a",
+      destinationLocation: "/srv/a",
+      excludes: [".git", "dist"],
+      excludesFile: ".gitignore",
+      websocketPort: 8080,
+      followSymLinks: true
+    },
+    { project: "b", hostname: "hb", username: "ub", sourceLocation: b, destinationLocation: "~/b", websocketPort: "9000" },
+    { project: "gone", hostname: "hg", sourceLocation: path.join(home, "gone"), destinationLocation: "/srv/gone" }
+  ]
+})
+
+describe("sicksync migrate", () => {
+  it("says when there is nothing to migrate", () => {
+    const home = tmp()
+    expect(sicksync(home, home, "migrate")).toEqual({
+      status: 0,
+      stdout: `Nothing to migrate: no ~/.sicksync/config.json and no 1.x ${registryOf(home)}.\n`,
+      stderr: ""
+    })
+  })
+
+  it("2.x/3.x: usable before migrating (with a warning), then migrated to project files and the registry", () => {
+    const home = tmp()
+    const a = mkdir(home, "code", "a")
+    const b = mkdir(home, "code", "b")
+    const legacyFile = writeFile(path.join(home, ".sicksync", "config.json"), legacyV2(home, b))
+    const legacyText = fs.readFileSync(legacyFile, "utf8")
+    const warning = `warning: using legacy config ${legacyFile}; run \`sicksync migrate\` to move to .sicksync-config.json files\n`
+
+    const before = sicksync(home, mkdir(a, "src"), "info", "--json")
+    expect(before.stderr).toBe(warning)
+    expect(JSON.parse(before.stdout)).toMatchObject({ name: "a", alias: "a", root: a, configFile: legacyFile, followSymLinks: true })
+
+    const r = sicksync(home, home, "migrate")
+    expect(r.stdout).toBe(
+      [
+        `Migrated ${legacyFile} (2.x). Wrote:`,
+        `  ${path.join(a, PROJECT_FILE)}`,
+        `  ${path.join(b, PROJECT_FILE)}`,
+        `  ${registryOf(home)} (2 projects)`,
+        `Skipped: gone: ${path.join(home, "gone")} does not exist`,
+        "The old files were left in place.",
+        ""
+      ].join("\n")
+    )
+    expect(r.stderr).toBe("")
+    expect(r.status).toBe(0)
+    expect(readJson(path.join(a, PROJECT_FILE))).toEqual({
+      $schema: PROJECT_SCHEMA_URL,
+      project: "a",
+      destinations: [{ hostname: "ha", destinationLocation: "/srv/a", username: "ua" }],
+      excludes: [".git", "dist"],
+      excludesFile: ".gitignore",
+      followSymLinks: true,
+      websocketPort: 8080
+    })
+    expect(readJson(path.join(b, PROJECT_FILE))).toEqual({
+      $schema: PROJECT_SCHEMA_URL,
+      project: "b",
+      destinations: [{ hostname: "hb", destinationLocation: "~/b", username: "ub" }],
+      websocketPort: 9000
+    })
+    expect(readJson(registryOf(home))).toEqual({
+      $schema: REGISTRY_SCHEMA_URL,
+      projects: [
+        { path: a, alias: "a", active: true },
+        { path: b, alias: "b", active: true }
+      ]
+    })
+    expect(fs.readFileSync(legacyFile, "utf8")).toBe(legacyText)
+
+    // Afterwards: no warning; the migrated project resolves the same.
+    const after = sicksync(home, mkdir(a, "src"), "info", "--json")
+    expect(after.stderr).toBe("")
+    expect({ ...JSON.parse(after.stdout), configFile: legacyFile }).toEqual(JSON.parse(before.stdout))
+
+    // Running it again keeps what is there.
+    const again = sicksync(home, home, "migrate")
+    expect(again.stdout).toBe(
+      [
+        `Migrated ${legacyFile} (2.x). Wrote:`,
+        `  ${registryOf(home)} (2 projects)`,
+        `Skipped: ${path.join(a, PROJECT_FILE)}: already exists, kept as it is`,
+        `Skipped: ${path.join(b, PROJECT_FILE)}: already exists, kept as it is`,
+        `Skipped: gone: ${path.join(home, "gone")} does not exist`,
+        "The old files were left in place.",
+        ""
+      ].join("\n")
+    )
+    expect((readJson(registryOf(home)) as { projects: Array<unknown> }).projects).toHaveLength(2)
+  })
+
+  it("1.x: keeps a copy of the flat file, then writes the project file and the registry in its place", () => {
+    const home = tmp()
+    const root = mkdir(home, "proj")
+    const v1 = {
+      hostname: "box",
+      userName: "joe",
+      sourceLocation: "~/proj",
+      destinationLocation: "/home/joe/proj",
+      excludes: [".git", "node_modules"],
+      debug: true,
+      websocketPort: "7000",
+      followSymlinks: true
+    }
+    const file = writeFile(registryOf(home), v1)
+    const original = fs.readFileSync(file, "utf8")
+    const r = sicksync(home, home, "migrate")
+    const backup = path.join(home, ".sicksync-config.v1.json")
+    expect(r.stdout).toBe(
+      [
+        `Migrated ${file} (1.x). Wrote:`,
+        `  ${backup} (copy of the 1.x config)`,
+        `  ${path.join(root, PROJECT_FILE)}`,
+        `  ${file} (1 project)`,
+        "The old files were left in place.",
+        ""
+      ].join("\n")
+    )
+    expect(r.stderr).toBe("")
+    expect(r.status).toBe(0)
+    expect(fs.readFileSync(backup, "utf8")).toBe(original)
+    expect(readJson(path.join(root, PROJECT_FILE))).toEqual({
+      $schema: PROJECT_SCHEMA_URL,
+      destinations: [{ hostname: "box", destinationLocation: "/home/joe/proj", username: "joe" }],
+      excludes: [".git", "node_modules"],
+      followSymLinks: true,
+      websocketPort: 7000
+    })
+    expect(readJson(file)).toEqual({ $schema: REGISTRY_SCHEMA_URL, projects: [{ path: root, alias: "proj", active: true }] })
+  })
+
+  it("an invalid legacy project stops the migration before anything is written", () => {
+    const home = tmp()
+    const a = mkdir(home, "a")
+    const legacyFile = writeFile(path.join(home, ".sicksync", "config.json"), {
+      projects: [
+        { project: "a", hostname: "h", sourceLocation: a, destinationLocation: "/srv/a" },
+        { project: "b", hostname: "h", sourceLocation: a, destinationLocation: "relative" }
+      ]
+    })
+    expectUserError(
+      sicksync(home, home, "migrate"),
+      `${legacyFile}: projects.1.destinationLocation: expected an absolute path or one starting with ~/, got "relative"`
+    )
+    expect(fs.readdirSync(a)).toEqual([])
+    expect(fs.existsSync(registryOf(home))).toBe(false)
+  })
+})
