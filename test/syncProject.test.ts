@@ -3,13 +3,22 @@ import { Deferred, Duration, Effect, Exit, Fiber, Layer, Random, Schedule, Scope
 import * as fs from "node:fs"
 import * as os from "node:os"
 import * as path from "node:path"
-import { makeDestinationWorker, reconnectSchedule, type SyncOptions } from "../src/programs/syncProject.js"
+import { scanLocal } from "../src/programs/reconcile.js"
+import {
+  defaultSyncOptions,
+  makeDestinationWorker as makeWorker,
+  makeScanner,
+  reconnectSchedule,
+  type SyncOptions,
+  type WorkerMode
+} from "../src/programs/syncProject.js"
 import type { ResolvedDestination, ResolvedProject } from "../src/schemas/ConfigFile.js"
+import type { ManifestEntry } from "../src/schemas/Protocol.js"
 import { ConnectError } from "../src/services/DaemonLocator.js"
-import { fromPatterns } from "../src/services/Excludes.js"
+import { type Excludes, fromPatterns, none } from "../src/services/Excludes.js"
 import { ConnectionLost, RemoteConnection, type Session } from "../src/services/RemoteConnection.js"
 
-const fast: SyncOptions = { settle: "5 millis", backoffBase: "5 millis", backoffCap: "20 millis" }
+const fast: SyncOptions = { ...defaultSyncOptions, settle: "5 millis", backoffBase: "5 millis", backoffCap: "20 millis" }
 
 const dest = (name: string): ResolvedDestination => ({
   name,
@@ -43,6 +52,8 @@ const fakeRemote = Effect.gen(function* () {
   const sessions = new Map<string, Deferred.Deferred<ConnectionLost>>()
   const held = new Map<string, Deferred.Deferred<void>>()
   const opens = new Map<string, number>()
+  /** What a destination lists; by default exactly the local tree at that moment (already in sync). */
+  const manifests = new Map<string, ReadonlyArray<ManifestEntry>>()
   const record = (d: string, entry: string) => applied.set(d, [...(applied.get(d) ?? []), entry])
   const ackFor = (d: string, closed: Deferred.Deferred<ConnectionLost>) =>
     Effect.gen(function* () {
@@ -54,7 +65,7 @@ const fakeRemote = Effect.gen(function* () {
   const layer = Layer.succeed(
     RemoteConnection,
     RemoteConnection.of({
-      open: (d) =>
+      open: (d, p) =>
         Effect.gen(function* () {
           opens.set(d.name, (opens.get(d.name) ?? 0) + 1)
           if (offline.has(d.name)) return yield* new ConnectError({ dest: d.name, message: "offline", retryable: true })
@@ -74,14 +85,21 @@ const fakeRemote = Effect.gen(function* () {
                 record(d.name, `Write ${source.path} ${Buffer.concat(parts).toString()}`)
                 return ackFor(d.name, closed)
               }),
-            manifest: Effect.succeed([]),
+            manifest: Effect.suspend(() => {
+              const given = manifests.get(d.name)
+              if (given !== undefined) return Effect.succeed(given)
+              return scanLocal(p, none).pipe(
+                Effect.map((tree) => [...tree].map(([path, e]): ManifestEntry => ({ path, ...e }))),
+                Effect.orDie
+              )
+            }),
             closed: Deferred.await(closed)
           }
           return session
         })
     })
   )
-  return { applied, offline, sessions, held, opens, layer }
+  return { applied, offline, sessions, held, opens, manifests, layer }
 })
 
 const tmpRoot = () => fs.mkdtempSync(path.join(os.tmpdir(), "sicksync-sync-"))
@@ -96,6 +114,14 @@ const eventually = <A>(check: () => A | undefined, what: string) =>
       yield* Effect.sleep("5 millis")
     }
   })
+
+const makeDestinationWorker = (
+  p: ResolvedProject,
+  d: ResolvedDestination,
+  excludes: Excludes,
+  options: SyncOptions,
+  mode: WorkerMode = "live"
+) => Effect.flatMap(makeScanner(p, excludes), (scanner) => makeWorker(p, d, excludes, scanner, options, mode))
 
 describe("destination worker", () => {
   it.live("sends new files, directories and removals, parents first", () =>
@@ -228,8 +254,120 @@ describe("destination worker", () => {
       const worker = yield* makeDestinationWorker(project(root, "one"), dest("one"), fromPatterns([]), fast).pipe(
         Effect.provide(refusing)
       )
-      yield* worker.run
+      const outcome = yield* Effect.flip(worker.run)
+      expect(outcome).toMatchObject({ _tag: "DestinationHalted", dest: "one", message: "protocol mismatch" })
       expect(attempts).toBe(1)
+    })
+  )
+})
+
+describe("reconciliation in the worker", () => {
+  const entry = (p: string, type: ManifestEntry["type"], extra: Partial<ManifestEntry> = {}): ManifestEntry => ({
+    path: p,
+    type,
+    size: 0,
+    mtime: 0,
+    mode: type === "dir" ? 0o755 : 0o644,
+    ...extra
+  })
+
+  it.live("on connect: sends what differs, deletes what is gone, leaves excluded remote paths alone", () =>
+    Effect.gen(function* () {
+      const root = tmpRoot()
+      fs.mkdirSync(path.join(root, "src"))
+      fs.writeFileSync(path.join(root, "src/same.ts"), "same")
+      fs.writeFileSync(path.join(root, "src/new.ts"), "new")
+      const same = fs.statSync(path.join(root, "src/same.ts"))
+      const remote = yield* fakeRemote
+      remote.manifests.set("one", [
+        entry("src", "dir", { mode: fs.statSync(path.join(root, "src")).mode & 0o7777 }),
+        entry("src/same.ts", "file", { size: same.size, mtime: same.mtimeMs, mode: same.mode & 0o7777 }),
+        entry("stale", "dir"),
+        entry("stale/a", "file"),
+        entry("old.txt", "file"),
+        entry("node_modules", "dir"),
+        entry("node_modules/x.js", "file")
+      ])
+      const scope = yield* Scope.make()
+      const worker = yield* makeDestinationWorker(project(root, "one"), dest("one"), fromPatterns(["node_modules/"]), fast).pipe(
+        Effect.provide(remote.layer)
+      )
+      yield* Effect.forkIn(worker.run, scope)
+      const applied = yield* eventually(() => (remote.applied.get("one")?.length === 3 ? remote.applied.get("one") : undefined), "3 ops")
+      expect([...applied].sort()).toEqual(["Remove old.txt", "Remove stale", "Write src/new.ts new"])
+      yield* Scope.close(scope, Exit.void)
+    })
+  )
+
+  it.live("--no-delete keeps remote extras; dry-run sends nothing", () =>
+    Effect.gen(function* () {
+      const root = tmpRoot()
+      fs.writeFileSync(path.join(root, "a"), "a")
+      const remote = yield* fakeRemote
+      remote.manifests.set("one", [entry("extra", "file")])
+      yield* makeDestinationWorker(project(root, "one"), dest("one"), none, { ...fast, noDelete: true }, "once").pipe(
+        Effect.flatMap((w) => w.run),
+        Effect.provide(remote.layer)
+      )
+      expect(remote.applied.get("one")).toEqual(["Write a a"])
+      remote.manifests.set("two", [entry("extra", "file")])
+      yield* makeDestinationWorker(project(root, "two"), dest("two"), none, fast, "dry-run").pipe(
+        Effect.flatMap((w) => w.run),
+        Effect.provide(remote.layer)
+      )
+      expect(remote.applied.get("two")).toBeUndefined()
+    })
+  )
+
+  it.live("an empty source facing a full destination halts instead of deleting", () =>
+    Effect.gen(function* () {
+      const root = tmpRoot()
+      const remote = yield* fakeRemote
+      remote.manifests.set("one", [entry("precious", "file"), entry("more", "dir")])
+      const error = yield* makeDestinationWorker(project(root, "one"), dest("one"), none, fast, "once").pipe(
+        Effect.flatMap((w) => Effect.flip(w.run)),
+        Effect.provide(remote.layer)
+      )
+      expect(error.message).toMatch(/source is empty while the destination holds 2 entries/)
+      expect(remote.applied.get("one")).toBeUndefined()
+    })
+  )
+
+  it.live("deleting most of a large destination is refused unless forced", () =>
+    Effect.gen(function* () {
+      const root = tmpRoot()
+      fs.writeFileSync(path.join(root, "keep"), "k")
+      const remote = yield* fakeRemote
+      const many = Array.from({ length: 30 }, (_, i) => entry(`f${i}`, "file"))
+      remote.manifests.set("one", many)
+      remote.manifests.set("two", many)
+      const error = yield* makeDestinationWorker(project(root, "one"), dest("one"), none, fast, "once").pipe(
+        Effect.flatMap((w) => Effect.flip(w.run)),
+        Effect.provide(remote.layer)
+      )
+      expect(error.message).toMatch(/would delete 30 of the 30 entries/)
+      expect(remote.applied.get("one")).toBeUndefined()
+      const forced = { ...fast, safety: { ...fast.safety, force: true } }
+      yield* makeDestinationWorker(project(root, "two"), dest("two"), none, forced, "once").pipe(
+        Effect.flatMap((w) => w.run),
+        Effect.provide(remote.layer)
+      )
+      expect(remote.applied.get("two")?.filter((op) => op.startsWith("Remove")).length).toBe(30)
+    })
+  )
+
+  it.live("a stale remove for a path that exists again sends it instead", () =>
+    Effect.gen(function* () {
+      const root = tmpRoot()
+      fs.writeFileSync(path.join(root, "back"), "again")
+      const remote = yield* fakeRemote
+      const scope = yield* Scope.make()
+      const worker = yield* makeDestinationWorker(project(root, "one"), dest("one"), none, fast).pipe(Effect.provide(remote.layer))
+      yield* Effect.forkIn(worker.run, scope)
+      yield* worker.offer([{ path: "back", kind: "remove" }])
+      const applied = yield* eventually(() => remote.applied.get("one"), "an op")
+      expect(applied).toEqual(["Write back again"])
+      yield* Scope.close(scope, Exit.void)
     })
   )
 })
@@ -240,7 +378,7 @@ describe("reconnect backoff", () => {
       const delays: Array<number> = []
       const fiber = yield* Effect.fail("down").pipe(
         Effect.retry(
-          reconnectSchedule({ settle: "1 millis", backoffBase: "100 millis", backoffCap: "1 second" }).pipe(
+          reconnectSchedule({ ...defaultSyncOptions, backoffBase: "100 millis", backoffCap: "1 second" }).pipe(
             Schedule.tapOutput((d) => Effect.sync(() => delays.push(Math.round(Duration.toMillis(d))))),
             Schedule.intersect(Schedule.recurs(6))
           )

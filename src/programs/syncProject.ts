@@ -5,7 +5,7 @@
  * or offline destination never delays the others and nothing queued for it is lost: changes made
  * while it is offline fold into the set (latest wins) and are sent when it is back.
  */
-import { Duration, Effect, Queue, Schedule, Stream } from "effect"
+import { Clock, Data, Duration, Effect, Queue, Schedule, Stream } from "effect"
 import * as fs from "node:fs/promises"
 import * as path from "node:path"
 import type { ResolvedDestination, ResolvedProject } from "../schemas/ConfigFile.js"
@@ -23,6 +23,16 @@ import {
 } from "../services/RemoteConnection.js"
 import { Watcher } from "../services/Watcher.js"
 import { coalesce } from "./coalesce.js"
+import {
+  checkSafety,
+  defaultSafety,
+  deletedCount,
+  diff,
+  type LocalTree,
+  type SafetyOptions,
+  type ScanError,
+  scanLocal
+} from "./reconcile.js"
 
 export interface SyncOptions {
   /** Re-read a file this long after it was seen changing mid-read. */
@@ -30,9 +40,21 @@ export interface SyncOptions {
   /** Reconnect backoff: first delay and cap. */
   readonly backoffBase: Duration.DurationInput
   readonly backoffCap: Duration.DurationInput
+  /** Never delete on the destinations, neither in reconciliation nor live. */
+  readonly noDelete: boolean
+  /** A coalesced batch of more paths than this is a burst (a `git checkout`): reconcile after it. */
+  readonly burstThreshold: number
+  readonly safety: SafetyOptions
 }
 
-export const defaultSyncOptions: SyncOptions = { settle: "25 millis", backoffBase: "250 millis", backoffCap: "10 seconds" }
+export const defaultSyncOptions: SyncOptions = {
+  settle: "25 millis",
+  backoffBase: "250 millis",
+  backoffCap: "10 seconds",
+  noDelete: false,
+  burstThreshold: 1000,
+  safety: defaultSafety
+}
 
 /** Capped exponential backoff with ±20 % jitter: 250 ms, 500 ms, 1 s … 10 s. */
 export const reconnectSchedule = (options: SyncOptions = defaultSyncOptions) =>
@@ -89,8 +111,8 @@ type Plan =
 
 export const planFor = (project: ResolvedProject, excludes: Excludes, change: Change) =>
   Effect.promise(async (): Promise<Plan> => {
+    // The disk decides, not the event: a remove may be stale (reported late, or from an old scan).
     const rel = change.path
-    if (change.kind === "remove") return { kind: "remove", path: rel }
     const abs = path.join(project.root, rel)
     const lstat = await fs.lstat(abs).catch(() => undefined)
     if (lstat === undefined) return { kind: "remove", path: rel }
@@ -109,21 +131,70 @@ export const planFor = (project: ResolvedProject, excludes: Excludes, change: Ch
 
 const verb: Record<Plan["kind"], string> = { remove: "remove", mkdir: "mkdir", symlink: "symlink", write: "change", skip: "skip" }
 
+// ---- the shared scan ---------------------------------------------------------------------------
+
+/** How old a scan may be and still serve a reconciliation after a (re)connect. */
+const SCAN_REUSE_MS = 2_000
+
+/**
+ * One local scan serves every destination reconciling at about the same time. Reusing a scan that
+ * started before a change is safe: the change is in every worker's dirty set (workers exist before
+ * the watcher starts) and `planFor` sends what is on disk at send time, never the scan's view.
+ */
+export interface Scanner {
+  /** A scan that started at `notBefore` or later (ms since the epoch), running a new one if needed. */
+  readonly scan: (notBefore: number) => Effect.Effect<LocalTree, ScanError>
+}
+
+export const makeScanner = (project: ResolvedProject, excludes: Excludes) =>
+  Effect.gen(function* () {
+    const lock = yield* Effect.makeSemaphore(1)
+    let last: { readonly startedAt: number; readonly tree: LocalTree } | undefined
+    const scan = (notBefore: number) =>
+      lock.withPermits(1)(
+        Effect.gen(function* () {
+          if (last !== undefined && last.startedAt >= notBefore) return last.tree
+          const startedAt = yield* Clock.currentTimeMillis
+          const tree = yield* scanLocal(project, excludes)
+          last = { startedAt, tree }
+          return tree
+        })
+      )
+    return { scan } satisfies Scanner
+  })
+
 // ---- one destination ---------------------------------------------------------------------------
+
+/**
+ * - `live`: reconcile on every connect, then follow the watcher until interrupted.
+ * - `once`: reconcile, send the difference, and return.
+ * - `dry-run`: reconcile, print the plan, change nothing.
+ */
+export type WorkerMode = "live" | "once" | "dry-run"
+
+/** The destination stopped for a reason retrying cannot fix; already logged. */
+export class DestinationHalted extends Data.TaggedError("DestinationHalted")<{ readonly dest: string; readonly message: string }> {}
 
 export interface DestinationWorker {
   readonly dest: ResolvedDestination
   /** Marks paths dirty; never blocks. */
   readonly offer: (changes: ReadonlyArray<Change>) => Effect.Effect<void>
-  /** Connects, sends, reconnects — until interrupted, or until the destination refuses for good. */
-  readonly run: Effect.Effect<void>
+  /** Asks for a reconciliation against a scan started at `notBefore` or later. */
+  readonly requestReconcile: (notBefore: number) => Effect.Effect<void>
+  /** Connects, reconciles, sends, reconnects — until interrupted (live) or in sync (once). */
+  readonly run: Effect.Effect<void, DestinationHalted>
 }
+
+const formatBytes = (n: number) =>
+  n < 1024 ? `${n} B` : n < 1024 ** 2 ? `${(n / 1024).toFixed(1)} KiB` : n < 1024 ** 3 ? `${(n / 1024 ** 2).toFixed(1)} MiB` : `${(n / 1024 ** 3).toFixed(2)} GiB`
 
 export const makeDestinationWorker = (
   project: ResolvedProject,
   dest: ResolvedDestination,
   excludes: Excludes,
-  options: SyncOptions = defaultSyncOptions
+  scanner: Scanner,
+  options: SyncOptions = defaultSyncOptions,
+  mode: WorkerMode = "live"
 ) =>
   Effect.gen(function* () {
     const remote = yield* RemoteConnection
@@ -143,10 +214,48 @@ export const makeDestinationWorker = (
         return unapplied.size > 0 ? Effect.asVoid(wake.offer(undefined)) : Effect.void
       })
 
+    /** When set, a reconciliation is due, against a scan started at this time or later. */
+    let reconcileFrom: number | undefined
+    const requestReconcile = (notBefore: number) =>
+      Effect.suspend(() => {
+        reconcileFrom = Math.max(reconcileFrom ?? 0, notBefore)
+        return Effect.asVoid(wake.offer(undefined))
+      })
+
+    /** What the running reconciliation set out to do, reported once the queue drains. */
+    let reconciling: { readonly startedAt: number; readonly files: number; readonly bytes: number; readonly removes: number } | undefined
+
     const rootIsThere = Effect.promise(() => fs.stat(project.root).then((s) => s.isDirectory(), () => false))
 
     /** Set when a file changed while being read: it stays dirty and is read again after `settle`. */
     let settling = false
+
+    const reconcile = (session: Session, notBefore: number) =>
+      Effect.gen(function* () {
+        const startedAt = yield* Clock.currentTimeMillis
+        const local = yield* scanner.scan(notBefore)
+        const manifest = yield* session.manifest
+        const plan = diff(local, manifest, excludes, { noDelete: options.noDelete })
+        if (mode === "dry-run") {
+          const lines = [
+            `plan: ${plan.upserts.length} to send (${formatBytes(plan.bytes)}), ${plan.removes.length} to delete${options.noDelete ? " (--no-delete)" : ""}`,
+            ...[...plan.upserts].sort().map((p) => `  send   ${p}`),
+            ...[...plan.removes].sort().map((p) => `  delete ${p}`)
+          ]
+          yield* Effect.log(lines.join("\n"))
+          return
+        }
+        yield* checkSafety(local, plan, deletedCount(plan, manifest), options.safety)
+        // A path already dirty carries a newer word from the watcher than the scan.
+        for (const p of plan.removes) if (!dirty.has(p)) dirty.set(p, "remove")
+        for (const p of plan.upserts) if (!dirty.has(p)) dirty.set(p, "upsert")
+        if (plan.upserts.length + plan.removes.length === 0 && dirty.size === 0) {
+          yield* Effect.log(`in sync (${local.size} entries checked in ${(yield* Clock.currentTimeMillis) - startedAt} ms)`)
+          return
+        }
+        yield* Effect.log(`reconciling: ${plan.upserts.length} to send (${formatBytes(plan.bytes)}), ${plan.removes.length} to delete`)
+        reconciling = { startedAt, files: plan.upserts.length, bytes: plan.bytes, removes: plan.removes.length }
+      })
 
     /** Sends one batch, pipelined; returns when every operation is acknowledged. */
     const apply = (session: Session, batch: Map<string, ChangeKind>) =>
@@ -155,7 +264,11 @@ export const makeDestinationWorker = (
         const changes: Array<Change> = [...batch].map(([p, kind]) => ({ path: p, kind }))
         // Parents before children; a removed directory takes its contents with it.
         const removed = changes.filter((c) => c.kind === "remove").map((c) => c.path)
-        const coveredByRemoval = (p: string) => removed.some((r) => r !== p && p.startsWith(`${r}/`))
+        const removedSet = new Set(removed)
+        const coveredByRemoval = (p: string) => {
+          for (let i = p.lastIndexOf("/"); i > 0; i = p.lastIndexOf("/", i - 1)) if (removedSet.has(p.slice(0, i))) return true
+          return false
+        }
         const ordered = changes
           .filter((c) => !(c.kind === "remove" && coveredByRemoval(c.path)))
           .sort((a, b) =>
@@ -174,9 +287,9 @@ export const makeDestinationWorker = (
         yield* Effect.gen(function* () {
           for (const change of ordered) {
             const plan = yield* planFor(project, excludes, change)
-            if (plan.kind === "skip") {
+            if (plan.kind === "skip" || (plan.kind === "remove" && options.noDelete)) {
               unapplied.delete(change.path)
-              if (plan.why !== "excluded") yield* Effect.logWarning(`skipped ${plan.path}: ${plan.why}`)
+              if (plan.kind === "skip" && plan.why !== "excluded") yield* Effect.logWarning(`skipped ${plan.path}: ${plan.why}`)
               continue
             }
             const sent = yield* (
@@ -218,14 +331,30 @@ export const makeDestinationWorker = (
         }).pipe(Effect.onExit(() => restore(unapplied)))
       })
 
+    /** Returns when in sync in `once`/`dry-run` modes; never in `live`. */
     const pump = (session: Session) =>
       Effect.gen(function* () {
         for (;;) {
-          if (dirty.size === 0) yield* wake.take
-          if (dirty.size === 0) continue
+          if (reconcileFrom !== undefined) {
+            const from = reconcileFrom
+            reconcileFrom = undefined
+            yield* reconcile(session, from)
+            if (mode === "dry-run") return
+          }
+          if (dirty.size === 0) {
+            if (mode !== "live") return
+            yield* wake.take
+            continue
+          }
           const batch = dirty
           dirty = new Map()
           yield* apply(session, batch)
+          if (reconciling !== undefined && dirty.size === 0 && reconcileFrom === undefined) {
+            const r = reconciling
+            reconciling = undefined
+            const seconds = ((yield* Clock.currentTimeMillis) - r.startedAt) / 1000
+            yield* Effect.log(`in sync: sent ${r.files} (${formatBytes(r.bytes)}), deleted ${r.removes}, in ${seconds.toFixed(2)} s`)
+          }
           if (settling) {
             settling = false
             yield* Effect.sleep(options.settle)
@@ -237,7 +366,7 @@ export const makeDestinationWorker = (
     const connect = remote.open(dest, project).pipe(
       Effect.tapError((e: ConnectError) => Effect.sync(() => (lastError = e.message))),
       Effect.retry({
-        while: (e: ConnectError) => e.retryable,
+        while: (e: ConnectError) => e.retryable && mode === "live",
         schedule: reconnectSchedule(options).pipe(
           Schedule.tapOutput((delay) =>
             Effect.logWarning(`offline (${lastError}); retrying in ${Duration.format(Duration.millis(Math.round(Duration.toMillis(delay))))}`)
@@ -246,26 +375,40 @@ export const makeDestinationWorker = (
       })
     )
 
-    const run: Effect.Effect<void> = Effect.gen(function* () {
+    const halt = (message: string) =>
+      Effect.zipRight(
+        Effect.logError(`${message}; this destination is halted`),
+        Effect.fail(new DestinationHalted({ dest: dest.name, message }))
+      )
+
+    const run: Effect.Effect<void, DestinationHalted> = Effect.gen(function* () {
       for (;;) {
         const outcome = yield* Effect.scoped(
           Effect.gen(function* () {
             const session = yield* connect
             yield* Effect.log(`connected to ${session.welcome.root}`)
+            // Whatever changed while we were away — or before we started — is found by comparing.
+            yield* requestReconcile((yield* Clock.currentTimeMillis) - SCAN_REUSE_MS)
             return yield* Effect.raceFirst(pump(session), Effect.flatMap(session.closed, Effect.fail))
           })
         ).pipe(Effect.either)
         if (outcome._tag === "Right") return
         const error = outcome.left
-        if (error._tag === "ConnectError") {
-          yield* Effect.logError(`${error.message}; this destination is halted`)
-          return
+        switch (error._tag) {
+          case "ConnectError":
+            return yield* halt(error.message)
+          case "ScanError":
+            return yield* halt(`cannot read ${error.root}: ${error.message}`)
+          case "UnsafeDeletion":
+            return yield* halt(error.message)
+          case "ConnectionLost":
+            if (mode !== "live") return yield* halt(`connection lost: ${error.message}`)
+            yield* Effect.logWarning(`connection lost (${error.message}); reconnecting`)
         }
-        yield* Effect.logWarning(`connection lost (${error.message}); reconnecting`)
       }
     }).pipe(Effect.annotateLogs({ dest: dest.name }))
 
-    return { dest, offer, run } satisfies DestinationWorker
+    return { dest, offer, requestReconcile, run } satisfies DestinationWorker
   })
 
 // ---- the project --------------------------------------------------------------------------------
@@ -276,12 +419,39 @@ export const syncProject = (project: ResolvedProject, options: SyncOptions = def
     Effect.gen(function* () {
       const watcher = yield* Watcher
       const excludes = yield* makeExcludes({ root: project.root, excludes: project.excludes, excludesFile: project.excludesFile })
-      const workers = yield* Effect.forEach(project.destinations, (dest) => makeDestinationWorker(project, dest, excludes, options))
-      for (const worker of workers) yield* Effect.forkScoped(worker.run)
+      const scanner = yield* makeScanner(project, excludes)
+      const workers = yield* Effect.forEach(project.destinations, (dest) => makeDestinationWorker(project, dest, excludes, scanner, options))
+      // Watch before the first scan, so nothing that happens during it is missed.
       const handle = yield* watcher.start({ root: project.root, excludes, followSymLinks: project.followSymLinks })
+      for (const worker of workers) yield* Effect.forkScoped(Effect.ignore(worker.run))
       yield* Effect.log(`watching ${project.root} → ${project.destinations.map((d) => d.name).join(", ")}`)
       yield* coalesce(handle.events).pipe(
-        Stream.runForEach((batch) => Effect.forEach(workers, (worker) => worker.offer(batch), { discard: true }))
+        Stream.runForEach((batch) =>
+          Effect.gen(function* () {
+            yield* Effect.forEach(workers, (worker) => worker.offer(batch), { discard: true })
+            // A burst this large may have overflowed the watcher: compare the whole tree after it.
+            if (batch.length > options.burstThreshold) {
+              const now = yield* Clock.currentTimeMillis
+              yield* Effect.forEach(workers, (worker) => worker.requestReconcile(now), { discard: true })
+            }
+          })
+        )
       )
     })
   ).pipe(Effect.annotateLogs({ project: project.name }))
+
+/**
+ * `sicksync once`: one reconciliation of every destination, concurrently, then return. Fails with
+ * the first halted destination (every halt is logged).
+ */
+export const reconcileOnce = (project: ResolvedProject, options: SyncOptions = defaultSyncOptions, dryRun = false) =>
+  Effect.gen(function* () {
+    const excludes = yield* makeExcludes({ root: project.root, excludes: project.excludes, excludesFile: project.excludesFile })
+    const scanner = yield* makeScanner(project, excludes)
+    const workers = yield* Effect.forEach(project.destinations, (dest) =>
+      makeDestinationWorker(project, dest, excludes, scanner, options, dryRun ? "dry-run" : "once")
+    )
+    const results = yield* Effect.forEach(workers, (worker) => Effect.either(worker.run), { concurrency: "unbounded" })
+    const failed = results.find((r) => r._tag === "Left")
+    if (failed !== undefined && failed._tag === "Left") return yield* failed.left
+  }).pipe(Effect.annotateLogs({ project: project.name }))

@@ -1,0 +1,212 @@
+/**
+ * Reconciliation ("big sync"): compare the whole local tree with a destination's manifest and
+ * decide what to send and what to delete. Pure planning; the destination worker sends the plan
+ * through the same queue, connection and acks as live changes (DESIGN §5).
+ */
+import { Data, Effect } from "effect"
+import * as fs from "node:fs/promises"
+import * as path from "node:path"
+import type { ResolvedProject } from "../schemas/ConfigFile.js"
+import type { ManifestEntry } from "../schemas/Protocol.js"
+import type { Excludes } from "../services/Excludes.js"
+
+/** One local entry as the destination would list it. */
+export interface LocalEntry {
+  readonly type: "file" | "dir" | "symlink"
+  readonly size: number
+  readonly mtime: number
+  readonly mode: number
+  readonly target?: string
+}
+
+export type LocalTree = ReadonlyMap<string, LocalEntry>
+
+/** The source cannot be scanned: missing, not a directory, or unreadable. Never a reason to delete. */
+export class ScanError extends Data.TaggedError("ScanError")<{ readonly root: string; readonly message: string }> {}
+
+/** The plan would delete too much of the destination, or everything because the source is empty. */
+export class UnsafeDeletion extends Data.TaggedError("UnsafeDeletion")<{ readonly message: string }> {}
+
+// ---- scanning ---------------------------------------------------------------------------------
+
+/**
+ * Lists the project as the destination should look: excluded paths pruned (excluded directories
+ * are never read), symlinks kept as links or followed per `followSymLinks` (broken ones skipped).
+ */
+export const scanLocal = (project: ResolvedProject, excludes: Excludes) =>
+  Effect.tryPromise({
+    try: async (): Promise<LocalTree> => {
+      const root = project.root
+      const rootStats = await fs.stat(root)
+      if (!rootStats.isDirectory()) throw new Error("not a directory")
+      const out = new Map<string, LocalEntry>()
+      const walk = async (dirRel: string): Promise<void> => {
+        const dirAbs = dirRel === "" ? root : path.join(root, dirRel)
+        const names = await fs.readdir(dirAbs).catch((e: NodeJS.ErrnoException) => {
+          // a directory removed while scanning is the watcher's news, not a scan failure
+          if (dirRel !== "" && (e.code === "ENOENT" || e.code === "ENOTDIR")) return [] as Array<string>
+          throw e
+        })
+        const subdirs: Array<string> = []
+        await Promise.all(
+          names.map(async (name) => {
+            const rel = dirRel === "" ? name : `${dirRel}/${name}`
+            const abs = path.join(dirAbs, name)
+            let st = await fs.lstat(abs).catch(() => undefined)
+            if (st === undefined) return
+            let target: string | undefined
+            if (st.isSymbolicLink()) {
+              if (project.followSymLinks) {
+                st = await fs.stat(abs).catch(() => undefined)
+                if (st === undefined) return
+              } else {
+                target = await fs.readlink(abs).catch(() => undefined)
+                if (target === undefined) return
+              }
+            }
+            const isDir = st.isDirectory()
+            if (excludes.isExcluded(rel, isDir)) return
+            if (target !== undefined) out.set(rel, { type: "symlink", size: 0, mtime: 0, mode: 0, target })
+            else if (isDir) {
+              out.set(rel, { type: "dir", size: 0, mtime: st.mtimeMs, mode: st.mode & 0o7777 })
+              subdirs.push(rel)
+            } else if (st.isFile()) out.set(rel, { type: "file", size: st.size, mtime: st.mtimeMs, mode: st.mode & 0o7777 })
+            // sockets, fifos and devices are not mirrored
+          })
+        )
+        // Sequential over directories keeps the number of open descriptors bounded.
+        for (const sub of subdirs) await walk(sub)
+      }
+      await walk("")
+      return out
+    },
+    catch: (e) => new ScanError({ root: project.root, message: (e as Error).message })
+  })
+
+// ---- diffing ----------------------------------------------------------------------------------
+
+export interface ReconcilePlan {
+  /** Paths to send in their current local state (new, changed, type or mode changed). */
+  readonly upserts: ReadonlyArray<string>
+  /** Paths gone locally; a directory's contents are implied (not listed). */
+  readonly removes: ReadonlyArray<string>
+  /** Bytes of the files in `upserts`. */
+  readonly bytes: number
+  /** Entries on the destination that take part (not excluded). */
+  readonly remoteEntries: number
+}
+
+/** Same file content as far as size and mtime tell (mtimes survive the trip to the millisecond). */
+const sameFile = (local: LocalEntry, remote: ManifestEntry) =>
+  local.size === remote.size && Math.abs(local.mtime - remote.mtime) < 1 && local.mode === remote.mode
+
+export const diff = (
+  local: LocalTree,
+  remote: ReadonlyArray<ManifestEntry>,
+  excludes: Excludes,
+  options: { readonly noDelete: boolean }
+): ReconcilePlan => {
+  const remoteByPath = new Map<string, ManifestEntry>()
+  for (const entry of remote) remoteByPath.set(entry.path, entry)
+
+  const upserts: Array<string> = []
+  let bytes = 0
+  for (const [p, entry] of local) {
+    const there = remoteByPath.get(p)
+    const same =
+      there !== undefined &&
+      there.type === entry.type &&
+      (entry.type === "file"
+        ? sameFile(entry, there)
+        : entry.type === "dir"
+          ? there.mode === entry.mode
+          : there.target === entry.target)
+    if (!same) {
+      upserts.push(p)
+      if (entry.type === "file") bytes += entry.size
+    }
+  }
+
+  // Excluded paths on the destination are not ours to delete (nor is anything below them).
+  const removes: Array<string> = []
+  const removedDirs = new Set<string>()
+  const excludedDirs = new Set<string>()
+  let remoteEntries = 0
+  // The daemon lists parents before children, so a removed or excluded parent is known first.
+  const sorted = [...remote].sort((a, b) => a.path.split("/").length - b.path.split("/").length)
+  for (const entry of sorted) {
+    const parent = entry.path.includes("/") ? entry.path.slice(0, entry.path.lastIndexOf("/")) : ""
+    if (parent !== "" && excludedDirs.has(parent)) {
+      if (entry.type === "dir") excludedDirs.add(entry.path)
+      continue
+    }
+    if (excludes.isExcluded(entry.path, entry.type === "dir")) {
+      if (entry.type === "dir") excludedDirs.add(entry.path)
+      continue
+    }
+    remoteEntries++
+    if (local.has(entry.path)) continue
+    if (parent !== "" && removedDirs.has(parent)) {
+      if (entry.type === "dir") removedDirs.add(entry.path)
+      continue
+    }
+    if (entry.type === "dir") removedDirs.add(entry.path)
+    removes.push(entry.path)
+  }
+
+  return { upserts, removes: options.noDelete ? [] : removes, bytes, remoteEntries }
+}
+
+export interface SafetyOptions {
+  /** Refuse a plan deleting more than this share of the destination's entries… */
+  readonly maxDeleteShare: number
+  /** …when that is more than this many entries. */
+  readonly maxDeleteFloor: number
+  readonly force: boolean
+}
+
+export const defaultSafety: SafetyOptions = { maxDeleteShare: 0.5, maxDeleteFloor: 20, force: false }
+
+/** Counts the entries a plan deletes on the destination, directories' contents included. */
+export const deletedCount = (plan: ReconcilePlan, remote: ReadonlyArray<ManifestEntry>): number => {
+  if (plan.removes.length === 0) return 0
+  const removed = new Set(plan.removes)
+  let n = 0
+  for (const entry of remote) {
+    let p = entry.path
+    for (;;) {
+      if (removed.has(p)) {
+        n++
+        break
+      }
+      const slash = p.lastIndexOf("/")
+      if (slash < 0) break
+      p = p.slice(0, slash)
+    }
+  }
+  return n
+}
+
+/**
+ * DESIGN §5 "Safety": an empty source facing a full destination is a vanished or unmounted
+ * source, not a user who deleted everything; and a plan deleting most of a destination is refused
+ * unless forced.
+ */
+export const checkSafety = (local: LocalTree, plan: ReconcilePlan, deleted: number, options: SafetyOptions) => {
+  if (plan.removes.length === 0) return Effect.void
+  if (local.size === 0) {
+    return Effect.fail(
+      new UnsafeDeletion({
+        message: `the source is empty while the destination holds ${plan.remoteEntries} entries: refusing to delete them (is the project directory mounted and complete?)`
+      })
+    )
+  }
+  if (!options.force && deleted > options.maxDeleteFloor && deleted > options.maxDeleteShare * plan.remoteEntries) {
+    return Effect.fail(
+      new UnsafeDeletion({
+        message: `this would delete ${deleted} of the ${plan.remoteEntries} entries on the destination (more than ${Math.round(options.maxDeleteShare * 100)} %): refusing; check the project, then run \`sicksync once --force\` to allow it`
+      })
+    )
+  }
+  return Effect.void
+}
