@@ -212,6 +212,66 @@ describe("Watcher (chokidar)", () => {
       expect(w.seen.filter((e) => e.kind === "addDir")).toEqual([])
     }))
 
+  it.scopedLive("followSymLinks: false reports a dangling symlink, in a subdirectory too, and its removal", () =>
+    Effect.gen(function*() {
+      const root = yield* tmpDir
+      write(root, "sub/keep.txt")
+      const w = yield* record({ root, followSymLinks: false })
+      fs.symlinkSync("../nowhere", path.join(root, "dangling"))
+      fs.symlinkSync("missing", path.join(root, "sub/broken"))
+      yield* eventually(() => {
+        expect(w.has("add", "dangling")).toBe(true)
+        expect(w.has("add", "sub/broken")).toBe(true)
+      })
+      fs.unlinkSync(path.join(root, "sub/broken"))
+      yield* eventually(() => expect(w.has("unlink", "sub/broken")).toBe(true))
+    }))
+
+  it.scopedLive("a burst of 300 files into 17 new directories: every file is reported", () =>
+    Effect.gen(function*() {
+      const root = yield* tmpDir
+      const w = yield* record({ root })
+      for (let i = 0; i < 300; i++) write(root, `burst/d${i % 17}/f${i}.txt`)
+      for (let i = 0; i < 300; i += 3) fs.writeFileSync(path.join(root, `burst/d${i % 17}/f${i}.txt`), "v2")
+      for (let i = 1; i < 300; i += 7) fs.rmSync(path.join(root, `burst/d${i % 17}/f${i}.txt`))
+      yield* eventually(() => {
+        for (let i = 0; i < 300; i++) {
+          if (i % 7 !== 1) expect(w.has("add", `burst/d${i % 17}/f${i}.txt`)).toBe(true)
+        }
+      })
+    }))
+
+  it.scopedLive("a burst of nested new directories: every file is reported", () =>
+    Effect.gen(function*() {
+      const root = yield* tmpDir
+      const w = yield* record({ root })
+      for (let i = 0; i < 60; i++) write(root, `tree/n${i}/a/b/f${i}.txt`)
+      yield* eventually(() => {
+        for (let i = 0; i < 60; i++) expect(w.has("add", `tree/n${i}/a/b/f${i}.txt`)).toBe(true)
+      })
+    }))
+
+  it.scopedLive("re-reading a busy directory reports nothing that chokidar already knew", () =>
+    Effect.gen(function*() {
+      const root = yield* tmpDir
+      for (let i = 0; i < 50; i++) write(root, `dir/old${i}.txt`)
+      const w = yield* record({ root })
+      write(root, "dir/new.txt")
+      yield* eventually(() => expect(w.has("add", "dir/new.txt")).toBe(true))
+      yield* Effect.sleep("400 millis") // past the re-read
+      expect(w.seen.filter((e) => e.path.startsWith("dir/old"))).toEqual([])
+    }))
+
+  it.scopedLive("reports a chmod of a file that was read since it was written", () =>
+    Effect.gen(function*() {
+      const root = yield* tmpDir
+      write(root, "run.sh")
+      const w = yield* record({ root })
+      fs.readFileSync(path.join(root, "run.sh"))
+      fs.chmodSync(path.join(root, "run.sh"), 0o755)
+      yield* eventually(() => expect(w.has("change", "run.sh")).toBe(true))
+    }))
+
   it.scopedLive("followSymLinks: true traverses a symlinked directory", () =>
     Effect.gen(function*() {
       const root = yield* tmpDir

@@ -7,7 +7,9 @@
  * - Excluded directories are pruned: chokidar's `ignored` sees them with their stats and never
  *   reads or watches inside them. Events are filtered by the same matcher as a safety net.
  * - `followSymLinks: false`: a symlink is an entry of its own (`add`/`change`/`unlink` on the link
- *   path), never traversed. chokidar does not report a *dangling* symlink at all in this mode.
+ *   path), never traversed. chokidar drops a *dangling* symlink in this mode (its realpath fails),
+ *   so those are picked out of chokidar's raw `fs.watch` events of the parent directory.
+ * - chokidar also drops a chmod of a file read since its last write; raw events catch it.
  *   `true`: links are followed and their targets' contents appear under the link path.
  * - Low latency: native `fs.watch`, no polling, no `awaitWriteFinish`. chokidar's `atomic` stays
  *   on by default (an `unlink` followed within 100 ms by an `add` of the same path becomes one
@@ -94,6 +96,9 @@ export class Watcher extends Context.Tag("sicksync/Watcher")<Watcher, {
 /** How long after reporting a file the watcher checks it again (chokidar throttles for 50 ms). */
 export const SETTLE_MS = 60
 
+/** How long a directory must be quiet before it is read again to catch what chokidar missed. */
+const RECHECK_MS = 150
+
 const toRelative = (root: string, abs: string): string => {
   const rel = path.relative(root, abs)
   return path.sep === "/" ? rel : rel.split(path.sep).join("/")
@@ -177,6 +182,97 @@ export const start = Effect.fn("Watcher.start")(function*(options: WatchOptions)
     } else if (excludes.isExcluded(rel, kind === "addDir" || kind === "unlinkDir")) return
     mailbox.unsafeOffer({ kind, path: rel })
     if ((kind === "add" || kind === "change") && stats?.isFile()) recheckLater(rel, abs, stats)
+    // Entries created before chokidar's watch on a new directory was in place can be missed.
+    if (kind === "addDir") scheduleRecheck(abs)
+  }
+
+  /** Dangling links reported so far: chokidar does not track them, so their removal is ours to see. */
+  const dangling = new Set<string>()
+  /** The ctime of the last attribute-only change reported per file. */
+  const attributes = new Map<string, number>()
+  const inside = (rel: string) => rel !== "" && rel !== ".." && !rel.startsWith("../") && !path.isAbsolute(rel)
+
+  /**
+   * chokidar's raw `fs.watch` events, for two things it drops: a chmod of a file it has read since
+   * the last write (its change filter looks at atime and mtime only), and dangling symlinks.
+   */
+  const onRaw = (event: string, name: unknown, details: unknown): void => {
+    const watched = (details as { watchedPath?: unknown } | undefined)?.watchedPath
+    if (closed || typeof name !== "string" || name === "" || typeof watched !== "string") return
+    fs.lstat(watched, (err, self) => {
+      if (closed || err) return
+      if (self.isFile()) {
+        // A file's own watch: content changes are chokidar's; a ctime after the mtime is a chmod.
+        const rel = toRelative(root, watched)
+        if (event !== "change" || !inside(rel) || self.ctimeMs <= self.mtimeMs || attributes.get(rel) === self.ctimeMs) return
+        attributes.set(rel, self.ctimeMs)
+        return onEvent("change", watched, self)
+      }
+      if (!self.isDirectory()) return
+      scheduleRecheck(watched)
+      if (followSymLinks) return
+      const abs = path.join(watched, name)
+      const rel = toRelative(root, abs)
+      if (!inside(rel)) return
+      fs.lstat(abs, (err, st) => {
+        if (closed) return
+        if (err || !st.isSymbolicLink()) {
+          if (dangling.delete(rel) && err?.code === "ENOENT") onEvent("unlink", abs)
+          return
+        }
+        fs.stat(abs, (targetErr) => {
+          if (closed) return
+          if (!targetErr) {
+            dangling.delete(rel) // a working link is chokidar's to report
+            return
+          }
+          dangling.add(rel)
+          onEvent("add", abs, st)
+        })
+      })
+    })
+  }
+
+  /**
+   * A directory with raw activity is read again once quiet: in a burst, chokidar can miss entries
+   * for good (seen: files 150+ of 300 written at once into 17 directories). Entries chokidar does
+   * not track are reported here and handed to it. Its `_getWatchedDir` is internal, but the only
+   * way to ask what it tracks without copying every directory's listing (`getWatched()`).
+   */
+  const rechecks = new Map<string, ReturnType<typeof setTimeout>>()
+  const scheduleRecheck = (dirAbs: string): void => {
+    clearTimeout(rechecks.get(dirAbs))
+    rechecks.set(
+      dirAbs,
+      setTimeout(() => {
+        rechecks.delete(dirAbs)
+        recheck(dirAbs, false)
+      }, RECHECK_MS)
+    )
+  }
+  const tracked = (dirAbs: string, name: string): boolean => {
+    const internal = watcher as unknown as { _getWatchedDir?: (dir: string) => { has: (item: string) => boolean | undefined } }
+    return internal._getWatchedDir?.(dirAbs).has(name) ?? true
+  }
+  /** Reports entries of `dirAbs` chokidar does not know (all of them when `all`: a directory it missed). */
+  const recheck = (dirAbs: string, all: boolean): void => {
+    fs.readdir(dirAbs, (err, names) => {
+      if (closed || err) return
+      for (const name of names) {
+        if (!all && tracked(dirAbs, name)) continue
+        const abs = path.join(dirAbs, name)
+        const rel = toRelative(root, abs)
+        if (!inside(rel) || dangling.has(rel)) continue
+        ;(followSymLinks ? fs.stat : fs.lstat)(abs, (err, st) => {
+          if (closed || err) return
+          const isDir = st.isDirectory()
+          if (excludes.isExcluded(rel, isDir)) return
+          onEvent(isDir ? "addDir" : "add", abs, st)
+          if (isDir) recheck(abs, true)
+          if (!all) watcher.add(abs)
+        })
+      }
+    })
   }
 
   const watcher = yield* Effect.acquireRelease(
@@ -196,6 +292,7 @@ export const start = Effect.fn("Watcher.start")(function*(options: WatchOptions)
           onEvent(event, abs, stats)
         }
       })
+      w.on("raw", onRaw)
       w.on("error", (cause) => fail("WatchFailed", cause))
       w.once("ready", () => Deferred.unsafeDone(ready, Exit.void))
       return w
@@ -205,6 +302,8 @@ export const start = Effect.fn("Watcher.start")(function*(options: WatchOptions)
         closed = true
         for (const t of settle.values()) clearTimeout(t)
         settle.clear()
+        for (const t of rechecks.values()) clearTimeout(t)
+        rechecks.clear()
         return w.close()
       })
   )
