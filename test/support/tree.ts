@@ -17,7 +17,7 @@ export interface Entry {
 export interface SnapshotOptions {
   /** Relative paths (and everything below them) left out. */
   readonly skip?: (rel: string) => boolean
-  /** Compare mtimes too (files only, to the millisecond). */
+  /** Compare mtimes too (files only, to the millisecond; rounded, as utimes works in float seconds). */
   readonly mtime?: boolean
 }
 
@@ -28,19 +28,28 @@ export const snapshot = (root: string, options: SnapshotOptions = {}): Map<strin
       const abs = path.join(dir, name)
       const rel = path.relative(root, abs).split(path.sep).join("/")
       if (options.skip?.(rel)) continue
-      const st = fs.lstatSync(abs)
+      // An entry may vanish between readdir and lstat (a temp file renamed into place): a later
+      // snapshot sees the settled state.
+      const st = fs.lstatSync(abs, { throwIfNoEntry: false })
+      if (st === undefined) continue
       if (st.isSymbolicLink()) out.set(rel, { type: "symlink", size: 0, mode: 0, target: fs.readlinkSync(abs) })
       else if (st.isDirectory()) {
         out.set(rel, { type: "dir", size: 0, mode: st.mode & 0o7777 })
         walk(abs)
       } else {
-        const hash = createHash("sha256").update(fs.readFileSync(abs)).digest("hex")
+        let bytes: Buffer
+        try {
+          bytes = fs.readFileSync(abs)
+        } catch {
+          continue // vanished since the lstat
+        }
+        const hash = createHash("sha256").update(bytes).digest("hex")
         out.set(rel, {
           type: "file",
           size: st.size,
           mode: st.mode & 0o7777,
           hash,
-          ...(options.mtime ? { mtime: Math.floor(st.mtimeMs) } : {})
+          ...(options.mtime ? { mtime: Math.round(st.mtimeMs) } : {})
         })
       }
     }
