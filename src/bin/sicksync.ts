@@ -28,7 +28,8 @@ const userFacing = new Set([
   "UsageError",
   "WatchError",
   "ExcludesFileError",
-  "DaemonAlreadyRunning"
+  "DaemonAlreadyRunning",
+  "OnceFailed"
 ])
 
 const report = (cause: Cause.Cause<unknown>) =>

@@ -11,7 +11,7 @@ import { Alias, Transport } from "../schemas/ConfigFile.js"
 import { SyncConfig } from "../services/Config.js"
 import { VERSION } from "../version.js"
 import * as manage from "./manage.js"
-import { runSync } from "./sync.js"
+import { runOnce, runSync } from "./sync.js"
 import { daemonCommand, startDaemonCommand } from "./daemonCommands.js"
 
 /** A command line that cannot be acted on; printed as is. */
@@ -31,17 +31,42 @@ const aliases = Args.text({ name: "alias" }).pipe(
   Args.repeated
 )
 
+const noDelete = Options.boolean("no-delete").pipe(Options.withDescription("never delete anything on the destinations"))
+const force = Options.boolean("force").pipe(
+  Options.withDescription("allow a reconciliation to delete more than half of a destination")
+)
+
 const cwd = Effect.sync(() => process.cwd())
 
 // ---- sicksync [alias...] ----------------------------------------------------------------------
 
-const root = Command.make("sicksync", { aliases, all, global }, (options) =>
+const root = Command.make("sicksync", { aliases, all, global, noDelete, force }, (options) =>
   Effect.gen(function* () {
     const config = yield* SyncConfig
     const projects = yield* config.resolve({ ...options, cwd: yield* cwd })
-    yield* runSync(projects)
+    yield* runSync(projects, options)
   })
 ).pipe(Command.withDescription("Mirror a project onto its destinations as you edit it"))
+
+// ---- once -------------------------------------------------------------------------------------
+
+const once = Command.make(
+  "once",
+  {
+    aliases,
+    all,
+    global,
+    noDelete,
+    force,
+    dryRun: Options.boolean("dry-run").pipe(Options.withDescription("print what would be sent and deleted; change nothing"))
+  },
+  (options) =>
+    Effect.gen(function* () {
+      const config = yield* SyncConfig
+      const projects = yield* config.resolve({ ...options, cwd: yield* cwd })
+      yield* runOnce(projects, options)
+    })
+).pipe(Command.withDescription("Bring every destination fully up to date once (a big sync), then exit"))
 
 // ---- init -------------------------------------------------------------------------------------
 
@@ -129,7 +154,7 @@ const migrate = Command.make("migrate", {}, () => manage.migrate).pipe(
 )
 
 export const command = root.pipe(
-  Command.withSubcommands([init, add, remove, list, info, migrate, daemonCommand, startDaemonCommand])
+  Command.withSubcommands([once, init, add, remove, list, info, migrate, daemonCommand, startDaemonCommand])
 )
 
 export const cli = Command.run(command, { name: "sicksync", version: VERSION })
