@@ -11,7 +11,7 @@
 import { Clock, Effect, Either, Mailbox, Option, Stream } from "effect"
 import type { Change, FileEvent } from "../schemas/FileEvent.js"
 
-export const DEFAULT_QUIET_MS = 3
+export const DEFAULT_QUIET_MS = 2
 export const DEFAULT_MAX_WAIT_MS = 50
 
 // ---- fold ---------------------------------------------------------------------------------------
@@ -104,7 +104,7 @@ export const fold = (events: ReadonlyArray<FileEvent>): ReadonlyArray<Change> =>
 // ---- coalesce -----------------------------------------------------------------------------------
 
 export interface CoalesceOptions {
-  /** Emit the batch once no event has arrived for this long. Default 3 ms. */
+  /** Emit the batch once no event has arrived for this long. Default 2 ms. */
   readonly quietMs?: number
   /** …but never later than this after the batch's first event. Default 50 ms. */
   readonly maxWaitMs?: number

@@ -9,7 +9,8 @@
  * - `followSymLinks: false`: a symlink is an entry of its own (`add`/`change`/`unlink` on the link
  *   path), never traversed. chokidar drops a *dangling* symlink in this mode (its realpath fails),
  *   so those are picked out of chokidar's raw `fs.watch` events of the parent directory.
- * - chokidar also drops a chmod of a file read since its last write; raw events catch it.
+ * - chokidar also drops a chmod of a file read since its last write, and throttles `change` to one
+ *   per 50 ms; file changes are reported from the raw `fs.watch` events instead (see `onRaw`).
  *   `true`: links are followed and their targets' contents appear under the link path.
  * - Low latency: native `fs.watch`, no polling, no `awaitWriteFinish`. chokidar's `atomic` stays
  *   on by default (an `unlink` followed within 100 ms by an `add` of the same path becomes one
@@ -96,6 +97,9 @@ export class Watcher extends Context.Tag("sicksync/Watcher")<Watcher, {
 /** How long after reporting a file the watcher checks it again (chokidar throttles for 50 ms). */
 export const SETTLE_MS = 60
 
+/** A raw event on a file not reported yet counts as a change only if its ctime is this recent. */
+const RECENT_MS = 2_000
+
 /** How long a directory must be quiet before it is read again to catch what chokidar missed. */
 const RECHECK_MS = 150
 
@@ -176,6 +180,12 @@ export const start = Effect.fn("Watcher.start")(function*(options: WatchOptions)
       unsettle(rel)
       if (!rootStillThere()) return fail("RootRemoved", new Error(`${root} is gone`))
     }
+    if (kind === "change" && stats?.isFile()) {
+      // Already reported from the raw event (chokidar's own `change` comes later, or not at all).
+      if (reported.get(rel) === stats.ctimeMs) return
+      reported.set(rel, stats.ctimeMs)
+    }
+    if (kind === "unlink") reported.delete(rel)
     if ((kind === "add" || kind === "change") && stats?.isDirectory()) {
       // chokidar's view of a file replaced by a directory: the file is gone, a directory is there
       kind = excludes.isExcluded(rel, true) ? "unlink" : "addDir"
@@ -188,13 +198,14 @@ export const start = Effect.fn("Watcher.start")(function*(options: WatchOptions)
 
   /** Dangling links reported so far: chokidar does not track them, so their removal is ours to see. */
   const dangling = new Set<string>()
-  /** The ctime of the last attribute-only change reported per file. */
-  const attributes = new Map<string, number>()
+  /** The ctime of each file as last reported changed: a write or chmod moves it, a read does not. */
+  const reported = new Map<string, number>()
   const inside = (rel: string) => rel !== "" && rel !== ".." && !rel.startsWith("../") && !path.isAbsolute(rel)
 
   /**
-   * chokidar's raw `fs.watch` events, for two things it drops: a chmod of a file it has read since
-   * the last write (its change filter looks at atime and mtime only), and dangling symlinks.
+   * chokidar's raw `fs.watch` events, for what it drops or delays: a file's changes (it throttles
+   * `change` to one per 50 ms and ignores a chmod of a file read since its last write), dangling
+   * symlinks, and entries missed in a burst.
    */
   const onRaw = (event: string, name: unknown, details: unknown): void => {
     const watched = (details as { watchedPath?: unknown } | undefined)?.watchedPath
@@ -202,10 +213,12 @@ export const start = Effect.fn("Watcher.start")(function*(options: WatchOptions)
     fs.lstat(watched, (err, self) => {
       if (closed || err) return
       if (self.isFile()) {
-        // A file's own watch: content changes are chokidar's; a ctime after the mtime is a chmod.
+        // A file's own watch. A ctime that moved is a write or a chmod; a read (atime) leaves it
+        // alone, but a file not reported yet has no known ctime: then only a recent one counts.
         const rel = toRelative(root, watched)
-        if (event !== "change" || !inside(rel) || self.ctimeMs <= self.mtimeMs || attributes.get(rel) === self.ctimeMs) return
-        attributes.set(rel, self.ctimeMs)
+        if (event !== "change" || !inside(rel)) return
+        const known = reported.get(rel)
+        if (known === self.ctimeMs || (known === undefined && Date.now() - self.ctimeMs > RECENT_MS)) return
         return onEvent("change", watched, self)
       }
       if (!self.isDirectory()) return
