@@ -16,6 +16,7 @@ import type { ResolvedDestination, ResolvedProject } from "../src/schemas/Config
 import type { ManifestEntry } from "../src/schemas/Protocol.js"
 import { ConnectError } from "../src/services/DaemonLocator.js"
 import { type Excludes, fromPatterns, none } from "../src/services/Excludes.js"
+import * as Progress from "../src/services/Progress.js"
 import { ConnectionLost, RemoteConnection, type Session } from "../src/services/RemoteConnection.js"
 
 const fast: SyncOptions = { ...defaultSyncOptions, settle: "5 millis", backoffBase: "5 millis", backoffCap: "20 millis" }
@@ -99,7 +100,7 @@ const fakeRemote = Effect.gen(function* () {
         })
     })
   )
-  return { applied, offline, sessions, held, opens, manifests, layer }
+  return { applied, offline, sessions, held, opens, manifests, layer: Layer.merge(layer, Progress.layerNone) }
 })
 
 const tmpRoot = () => fs.mkdtempSync(path.join(os.tmpdir(), "sicksync-sync-"))
@@ -252,7 +253,7 @@ describe("destination worker", () => {
         })
       )
       const worker = yield* makeDestinationWorker(project(root, "one"), dest("one"), fromPatterns([]), fast).pipe(
-        Effect.provide(refusing)
+        Effect.provide(Layer.merge(refusing, Progress.layerNone))
       )
       const outcome = yield* Effect.flip(worker.run)
       expect(outcome).toMatchObject({ _tag: "DestinationHalted", dest: "one", message: "protocol mismatch" })

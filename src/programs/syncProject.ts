@@ -21,6 +21,7 @@ import {
   SourceChanged,
   SourceUnreadable
 } from "../services/RemoteConnection.js"
+import { type Bar, Progress } from "../services/Progress.js"
 import { Watcher } from "../services/Watcher.js"
 import { coalesce } from "./coalesce.js"
 import {
@@ -198,6 +199,7 @@ export const makeDestinationWorker = (
 ) =>
   Effect.gen(function* () {
     const remote = yield* RemoteConnection
+    const progress = yield* Progress
     let dirty = new Map<string, ChangeKind>()
     const wake = yield* Queue.sliding<void>(1)
 
@@ -223,7 +225,9 @@ export const makeDestinationWorker = (
       })
 
     /** What the running reconciliation set out to do, reported once the queue drains. */
-    let reconciling: { readonly startedAt: number; readonly files: number; readonly bytes: number; readonly removes: number } | undefined
+    let reconciling:
+      | { readonly startedAt: number; readonly files: number; readonly bytes: number; readonly removes: number; readonly bar: Bar }
+      | undefined
 
     const rootIsThere = Effect.promise(() => fs.stat(project.root).then((s) => s.isDirectory(), () => false))
 
@@ -254,7 +258,8 @@ export const makeDestinationWorker = (
           return
         }
         yield* Effect.log(`reconciling: ${plan.upserts.length} to send (${formatBytes(plan.bytes)}), ${plan.removes.length} to delete`)
-        reconciling = { startedAt, files: plan.upserts.length, bytes: plan.bytes, removes: plan.removes.length }
+        const bar = yield* progress.start(`${project.name} → ${dest.name}`, plan.upserts.length + plan.removes.length, plan.bytes)
+        reconciling = { startedAt, files: plan.upserts.length, bytes: plan.bytes, removes: plan.removes.length, bar }
       })
 
     /** Sends one batch, pipelined; returns when every operation is acknowledged. */
@@ -316,18 +321,22 @@ export const makeDestinationWorker = (
             acks.push({ plan, ack: sent, kind: change.kind })
           }
           let shown = 0
+          const bar = reconciling?.bar
+          // A drawn progress bar stands in for the per-file lines (they would tear it).
+          const quiet = bar?.drawn === true
           for (const { ack, kind, plan } of acks) {
             const result = yield* Effect.either(ack)
             if (result._tag === "Left" && result.left._tag === "ConnectionLost") return yield* result.left
             if (unapplied.get(plan.path) === kind) unapplied.delete(plan.path)
+            if (bar !== undefined) yield* bar.advance(plan.kind === "write" ? plan.source.size : 0)
             if (result._tag === "Left") {
               yield* Effect.logError(`${verb[plan.kind]} ${plan.path} failed: ${result.left.message}`)
-            } else if (shown < 20 || acks.length <= 25) {
+            } else if (!quiet && (shown < 20 || acks.length <= 25)) {
               shown++
               yield* Effect.log(`> ${verb[plan.kind]} ${plan.path}`)
             }
           }
-          if (acks.length > 25) yield* Effect.log(`> … and ${acks.length - shown} more`)
+          if (!quiet && acks.length > 25) yield* Effect.log(`> … and ${acks.length - shown} more`)
         }).pipe(Effect.onExit(() => restore(unapplied)))
       })
 
