@@ -165,7 +165,7 @@ const reconcile = async () => {
   }
   const sicksyncOnce = () => {
     const r = spawnSync(process.execPath, [bundle, "once", "--force"], { cwd: project, env, encoding: "utf8" })
-    if (r.status !== 0) throw new Error(`sicksync once failed: ${r.stderr}`)
+    if (r.status !== 0) throw new Error(`sicksync once failed: ${r.stderr.slice(-1500)}`)
   }
   const rsyncDest = path.join(base, "rsync-dest")
   const rsync = () => {
