@@ -1,6 +1,7 @@
 /**
  * The daemon, in-process on a free port with a temporary HOME, spoken to with a raw ws client.
- * start-daemon is exercised against a bundle of the two daemon commands built into a temp dir.
+ * `start-daemon` and `daemon` run as child processes from a bundle of just those two commands, built
+ * into a temp dir (so these tests do not depend on the rest of the CLI building).
  */
 import { Cause, Effect, Exit, Fiber, Logger } from "effect"
 import { execFile, spawn } from "node:child_process"
@@ -13,6 +14,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import { type DaemonOptions, runDaemon } from "../src/programs/daemon.js"
 import {
   Abort,
+  type DaemonMessage,
   MAX_FRAME_BYTES,
   Mkdir,
   PROTOCOL_VERSION,
@@ -87,6 +89,29 @@ const openSession = async () => {
 
 const expectFailed = (reply: { _tag: string }, code: string) => expect(reply).toMatchObject({ _tag: "OpFailed", code })
 
+/**
+ * A second, healthy session on its own root, open while another client misbehaves: `check` asserts
+ * it still gets its writes acked and applied (one client's bad input never affects another's session).
+ */
+const bystander = async () => {
+  const s = await openSession()
+  let seq = 100
+  return {
+    ...s,
+    check: async () => {
+      const n = ++seq
+      expect(await s.client.write(n, `ok-${n}.txt`, Buffer.from(`hello ${n}`))).toMatchObject({ _tag: "Ack", seq: n })
+      expect(fs.readFileSync(path.join(s.root, `ok-${n}.txt`), "utf8")).toBe(`hello ${n}`)
+    }
+  }
+}
+
+/** Sends a raw frame and returns the first message in answer. */
+const raw = (data: string | Uint8Array) => (c: DaemonClient) => {
+  c.sendRaw(data)
+  return c.take()
+}
+
 describe("state and handshake", () => {
   it("writes daemon.json 0600 in a 0700 ~/.sicksync, with a lock holding the pid", () => {
     const dir = path.join(daemon.home, ".sicksync")
@@ -117,21 +142,22 @@ describe("state and handshake", () => {
     await absolute.close()
   })
 
-  const rejected = async (send: (c: DaemonClient) => void, reason: string) => {
+  /**
+   * `say` opens the conversation and returns the daemon's first answer: it must be a `Rejected` with
+   * `reason`, followed by a 1008 close, while a bystander session keeps working.
+   */
+  const rejected = async (say: (c: DaemonClient) => Promise<DaemonMessage>, reason: string) => {
+    const other = await bystander()
     const client = await DaemonClient.connect(daemon.port)
-    send(client)
-    const reply = await client.take()
-    expect(reply).toMatchObject({ _tag: "Rejected", reason })
-    const closed = await client.closed
-    expect(closed.code).toBe(1008)
+    expect(await say(client)).toMatchObject({ _tag: "Rejected", reason })
+    expect((await client.closed).code).toBe(1008)
+    await other.check()
+    await other.client.close()
   }
 
   it("rejects a missing token", () =>
     rejected(
-      (c) =>
-        c.sendRaw(
-          JSON.stringify({ _tag: "Hello", protocolVersion: PROTOCOL_VERSION, clientId: "x", project: "p", destinationRoot: "~/x" })
-        ),
+      raw(JSON.stringify({ _tag: "Hello", protocolVersion: PROTOCOL_VERSION, clientId: "x", project: "p", destinationRoot: "~/x" })),
       "token"
     ))
 
@@ -140,23 +166,33 @@ describe("state and handshake", () => {
     await rejected((c) => c.hello({ token: wrong }), "token")
     await rejected((c) => c.hello({ token: "short" }), "token")
     await rejected((c) => c.hello({ token: "" }), "token")
+    await rejected((c) => c.hello({ token: daemon.token + "00" }), "token")
   })
 
   it("rejects another protocol version", () => rejected((c) => c.hello({ token: daemon.token, protocolVersion: 99 }), "protocol-version"))
 
   it("rejects a first message that is not a Hello", async () => {
-    await rejected((c) => c.send(new Mkdir({ seq: 1, path: "a", mode: 0o755 })), "bad-hello")
-    await rejected((c) => c.sendRaw("not json"), "bad-hello")
-    await rejected((c) => c.sendRaw(Buffer.from([0, 0, 0, 1, 2])), "bad-hello")
+    await rejected(
+      (c) => {
+        c.send(new Mkdir({ seq: 1, path: "a", mode: 0o755 }))
+        return c.take()
+      },
+      "bad-hello"
+    )
+    await rejected(raw("not json"), "bad-hello")
+    await rejected(raw(Buffer.from([0, 0, 0, 1, 2])), "bad-hello")
   })
 
   it("rejects roots that are /, the home directory, relative, or above home", async () => {
-    fs.symlinkSync(daemon.home, path.join(daemon.home, "..", path.basename(daemon.home) + "-link"))
     const linkToHome = path.join(daemon.home, "..", path.basename(daemon.home) + "-link")
-    for (const destinationRoot of ["/", "~", "~/", daemon.home, linkToHome, "relative/dir", "./x", "~/..", "/.."]) {
-      await rejected((c) => c.hello({ token: daemon.token, destinationRoot }), "root")
+    fs.symlinkSync(daemon.home, linkToHome)
+    try {
+      for (const destinationRoot of ["/", "~", "~/", daemon.home, linkToHome, "relative/dir", "./x", "~/..", "/..", "~/a\0b"]) {
+        await rejected((c) => c.hello({ token: daemon.token, destinationRoot }), "root")
+      }
+    } finally {
+      fs.unlinkSync(linkToHome)
     }
-    fs.unlinkSync(linkToHome)
   })
 
   it("closes a connection that sends no Hello within the timeout", async () => {
@@ -177,11 +213,12 @@ describe("operations", () => {
       seq: 1
     })
     const file = path.join(root, "bin/run.sh")
-    expect(fs.readFileSync(file, "utf8")).toBe("#!/bin/sh\necho hi\n")
+    // stat before reading: reading the file moves its atime (relatime), which is not the daemon's doing
     const st = fs.statSync(file)
     expect(st.mode & 0o7777).toBe(0o755)
     expect(Math.abs(st.mtimeMs - mtime)).toBeLessThan(1)
     expect(Math.abs(st.atimeMs - mtime)).toBeLessThan(1)
+    expect(fs.readFileSync(file, "utf8")).toBe("#!/bin/sh\necho hi\n")
     // overwrite keeps atomic rename semantics and applies the new mode
     expect(await client.write(2, "bin/run.sh", Buffer.from("v2"), { mode: 0o600 })).toMatchObject({ _tag: "Ack" })
     expect(fs.readFileSync(file, "utf8")).toBe("v2")
@@ -357,20 +394,6 @@ describe("atomicity", () => {
 })
 
 describe("bad input is contained to its session", () => {
-  /** A second, healthy session on its own root that must keep working. */
-  const bystander = async () => {
-    const s = await openSession()
-    let seq = 100
-    return {
-      ...s,
-      check: async () => {
-        const n = ++seq
-        expect(await s.client.write(n, `ok-${n}.txt`, Buffer.from(`hello ${n}`))).toMatchObject({ _tag: "Ack", seq: n })
-        expect(fs.readFileSync(path.join(s.root, `ok-${n}.txt`), "utf8")).toBe(`hello ${n}`)
-      }
-    }
-  }
-
   it("garbage text frame: session closed, others unaffected", async () => {
     const other = await bystander()
     const { client } = await openSession()
@@ -435,14 +458,31 @@ describe("bad input is contained to its session", () => {
 
 describe("confinement", () => {
   it("refuses paths that escape the root, writing nothing outside", async () => {
+    const other = await bystander()
     const { client, root } = await openSession()
     const outside = tempDir("sicksync-outside-")
+    // something to overwrite, remove or rename through the escaping link
+    fs.mkdirSync(path.join(outside, "sub"))
+    fs.writeFileSync(path.join(outside, "x"), "outside")
+    fs.writeFileSync(path.join(outside, "sub", "x"), "outside")
     fs.symlinkSync(outside, path.join(root, "escape"))
     fs.mkdirSync(path.join(root, "real"))
     fs.symlinkSync("real", path.join(root, "inside"))
     let seq = 0
     fs.writeFileSync(path.join(root, "victim"), "v")
-    const escapes = ["../x", "/etc/x", "a/../../x", "a/../b", "..", "a\0b", "escape/x", "escape/sub/x", "inside/../../x"]
+    const escapes = [
+      "../x",
+      "/etc/x",
+      `${outside}/x`,
+      "a/../../x",
+      "a/../b",
+      "..",
+      "a\0b",
+      "x\0/../../y",
+      "escape/x",
+      "escape/sub/x",
+      "inside/../../x"
+    ]
     for (const p of escapes) {
       expectFailed(await client.write(++seq, p, Buffer.from("pwned")), "confinement")
       expectFailed(await client.op(new Mkdir({ seq: ++seq, path: p, mode: 0o777 })), "confinement")
@@ -450,6 +490,7 @@ describe("confinement", () => {
       expectFailed(await client.op(new Remove({ seq: ++seq, path: p })), "confinement")
       expectFailed(await client.op(new Rename({ seq: ++seq, from: p, to: "y" })), "confinement")
       expectFailed(await client.op(new Rename({ seq: ++seq, from: "victim", to: p })), "confinement")
+      await other.check()
     }
     // the root itself is never written, removed or renamed
     for (const p of ["", ".", "./", "a/.."]) {
@@ -460,8 +501,13 @@ describe("confinement", () => {
       expectFailed(await client.op(new Rename({ seq: ++seq, from: "victim", to: p })), "confinement")
     }
     expectFailed(await client.op(new Mkdir({ seq: ++seq, path: "", mode: 0o777 })), "confinement")
+    await other.check()
     // nothing happened outside, the root is intact
-    expect(fs.readdirSync(outside)).toEqual([])
+    expect(fs.readdirSync(outside).sort()).toEqual(["sub", "x"])
+    expect(fs.readdirSync(path.join(outside, "sub"))).toEqual(["x"])
+    expect(fs.readFileSync(path.join(outside, "x"), "utf8")).toBe("outside")
+    expect(fs.readFileSync(path.join(outside, "sub", "x"), "utf8")).toBe("outside")
+    expect(fs.readlinkSync(path.join(root, "escape"))).toBe(outside)
     expect(fs.existsSync(path.join(root, "..", "x"))).toBe(false)
     expect(fs.statSync(root).isDirectory()).toBe(true)
     expect(fs.readFileSync(path.join(root, "victim"), "utf8")).toBe("v")
@@ -475,6 +521,8 @@ describe("confinement", () => {
     await eventually(() => client.creditBytes === client.sentChunkBytes, 5_000, "credits for dropped chunks")
     expect(daemon.logs.some((l) => l.includes("refused"))).toBe(true)
     await client.close()
+    await other.check()
+    await other.client.close()
   })
 })
 
@@ -507,6 +555,8 @@ describe("lifecycle", () => {
     const first = await DaemonClient.connect(d.port)
     expect((await first.hello({ token: d.token, destinationRoot: "~/x" }))._tag).toBe("Welcome")
     await first.close()
+    // the daemon has seen the first session end, so the reconnect really lands inside the grace
+    await eventually(() => d.logs.some((l) => /closed \(code 1000/.test(l)), 5_000, "the first session's end")
     const second = await DaemonClient.connect(d.port)
     expect((await second.hello({ token: d.token, destinationRoot: "~/x" }))._tag).toBe("Welcome")
     // well past the grace measured from the first client's departure: still serving
@@ -542,7 +592,7 @@ describe("lifecycle", () => {
   })
 })
 
-// ---- start-daemon against a real bundle ---------------------------------------------------------
+// ---- start-daemon and daemon as child processes ---------------------------------------------------
 
 describe("start-daemon", () => {
   let bundle: string
@@ -553,17 +603,24 @@ describe("start-daemon", () => {
     const src = path.join(path.dirname(fileURLToPath(import.meta.url)), "..", "src")
     bundle = path.join(dir, "sicksync-daemon-test.mjs")
     await build({
+      // Runs the commands the way src/bin/sicksync.ts does: failures rendered once on stderr, and neither
+      // runMain's error report nor its pretty logger, both of which print on stdout.
       stdin: {
         contents: `
           import * as Command from "@effect/cli/Command"
           import * as NodeContext from "@effect/platform-node/NodeContext"
           import * as NodeRuntime from "@effect/platform-node/NodeRuntime"
-          import { Effect } from "effect"
+          import { Cause, Effect } from "effect"
           import { daemonCommand, startDaemonCommand } from "./programs/daemonCommands.ts"
           const root = Command.make("sicksync").pipe(Command.withSubcommands([daemonCommand, startDaemonCommand]))
           Command.run(root, { name: "sicksync", version: "test" })(process.argv).pipe(
+            Effect.tapErrorCause((cause) =>
+              Effect.sync(() => {
+                if (!Cause.isInterruptedOnly(cause)) process.stderr.write("error: " + Cause.pretty(cause) + "\\n")
+              })
+            ),
             Effect.provide(NodeContext.layer),
-            NodeRuntime.runMain
+            NodeRuntime.runMain({ disableErrorReporting: true, disablePrettyLogger: true })
           )`,
         resolveDir: src,
         loader: "ts"
@@ -579,15 +636,24 @@ describe("start-daemon", () => {
     })
   })
 
-  const run = (home: string, ...args: Array<string>) =>
+  const runCli = (home: string, ...args: Array<string>) =>
     new Promise<{ code: number | null; stdout: string; stderr: string }>((resolve) => {
       execFile(
         process.execPath,
-        [bundle, "start-daemon", ...args],
+        [bundle, ...args],
         { env: { ...process.env, HOME: home }, timeout: 20_000 },
         (error, stdout, stderr) => resolve({ code: error === null ? 0 : (error.code as number | null), stdout, stderr })
       )
     })
+  const run = (home: string, ...args: Array<string>) => runCli(home, "start-daemon", ...args)
+  const isGone = (pid: number) => {
+    try {
+      process.kill(pid, 0)
+      return false
+    } catch {
+      return true
+    }
+  }
 
   it("two concurrent start-daemons end with one daemon; both report it; SIGTERM cleans up", async () => {
     const home = tempDir("sicksync-start-")
@@ -618,14 +684,7 @@ describe("start-daemon", () => {
     await client.close()
 
     process.kill(state.pid, "SIGTERM")
-    await eventually(() => {
-      try {
-        process.kill(state.pid, 0)
-        return false
-      } catch {
-        return true
-      }
-    }, 5_000, "daemon exit")
+    await eventually(() => isGone(state.pid), 5_000, "daemon exit")
     expect(fs.existsSync(path.join(home, ".sicksync", "daemon.json"))).toBe(false)
     expect(fs.existsSync(path.join(home, ".sicksync", "daemon.lock"))).toBe(false)
     expect(fs.readFileSync(path.join(home, ".sicksync", "logs", "daemon.log"), "utf8")).not.toContain(state.token)
@@ -638,8 +697,37 @@ describe("start-daemon", () => {
     const r = await run(home, "--port", "0")
     expect(r.code).not.toBe(0)
     expect(r.stdout).toBe("")
-    expect(r.stderr).toContain("could not start")
+    // said once, on stderr
+    expect(r.stderr.split("could not start").length).toBe(2)
     expect(r.stderr).toContain("last lines of")
     expect(fs.existsSync(path.join(home, ".sicksync", "daemon.lock"))).toBe(false)
+  })
+
+  it("the daemon it starts exits after --grace-ms once its last client leaves", async () => {
+    const home = tempDir("sicksync-start-grace-")
+    const r = await run(home, "--port", "0", "--grace-ms", "300")
+    expect(r.code).toBe(0)
+    const line = JSON.parse(r.stdout) as { pid: number; started: boolean }
+    expect(line.started).toBe(true)
+    const state = readDaemonState(home)!
+    const client = await DaemonClient.connect(state.port)
+    expect((await client.hello({ token: state.token, destinationRoot: "~/p" }))._tag).toBe("Welcome")
+    expect(await client.op(new Mkdir({ seq: 1, path: "d", mode: 0o755 }))).toMatchObject({ _tag: "Ack" })
+    await client.close()
+    await eventually(() => isGone(line.pid), 5_000, "daemon exit after the grace")
+    expect(fs.existsSync(path.join(home, ".sicksync", "daemon.json"))).toBe(false)
+    expect(fs.existsSync(path.join(home, ".sicksync", "daemon.lock"))).toBe(false)
+  })
+
+  it("`sicksync daemon` refuses to run beside a running daemon, which keeps serving", async () => {
+    const other = await bystander()
+    const r = await runCli(daemon.home, "daemon", "--port", "0", "--grace-ms", "1000")
+    expect(r.code).not.toBe(0)
+    expect(r.stdout).toBe("")
+    expect(r.stderr).toContain(`already running (pid ${process.pid})`)
+    expect(readDaemonState(daemon.home)).toMatchObject({ pid: process.pid, port: daemon.port, token: daemon.token })
+    expect(fs.readFileSync(path.join(daemon.home, ".sicksync", "daemon.lock"), "utf8").trim()).toBe(String(process.pid))
+    await other.check()
+    await other.client.close()
   })
 })

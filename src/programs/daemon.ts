@@ -372,6 +372,7 @@ interface Connection {
   queuedBinary: number
   queuedText: number
   overflow: boolean
+  /** How the socket closed: the code ws sent after rejecting a frame, else the closing handshake's. */
   closeCode: number | undefined
   error: string | undefined
 }
@@ -394,6 +395,22 @@ const MANIFEST_PAGE = 1000
 
 const toBuffer = (data: RawData): Buffer =>
   Buffer.isBuffer(data) ? data : Array.isArray(data) ? Buffer.concat(data) : Buffer.from(data)
+
+/**
+ * The close code ws has already sent when its receiver rejected a frame (see ws/lib/receiver.js):
+ * 1009 for a frame over `maxPayload`, 1007 for invalid UTF-8, 1008 for too many fragments, else 1002.
+ * ws stops reading after such an error, so the peer's closing handshake is never seen and the
+ * "close" event would only report 1006; this keeps the code the client was actually given.
+ * Undefined for errors of the socket itself.
+ */
+const receiverCloseCode = (error: Error): number | undefined => {
+  const code = errnoCode(error)
+  if (code === undefined || !code.startsWith("WS_ERR_")) return undefined
+  if (code.startsWith("WS_ERR_UNSUPPORTED_")) return 1009
+  if (code === "WS_ERR_INVALID_UTF8") return 1007
+  if (code === "WS_ERR_TOO_MANY_BUFFERED_PARTS") return 1008
+  return 1002
+}
 
 const closeSocket = (ws: WebSocket, code: number, reason: string) => {
   if (ws.readyState === WebSocket.CONNECTING || ws.readyState === WebSocket.OPEN) ws.close(code, reason)
@@ -828,9 +845,10 @@ export const runDaemon = (
       })
       ws.on("error", (e) => {
         conn.error = e.message
+        conn.closeCode ??= receiverCloseCode(e)
       })
       ws.on("close", (code) => {
-        conn.closeCode = code
+        conn.closeCode ??= code
         conn.frames.unsafeDone(Exit.void)
       })
       run(session(conn, ctx))

@@ -39,6 +39,8 @@ const decodeState = Schema.decodeUnknownEither(Schema.parseJson(DaemonState))
 const encodeReadyLine = Schema.encodeSync(Schema.parseJson(ReadyLine))
 
 const MAX_LOG_BYTES = 5 * 1024 * 1024
+/** How long a daemon that reported `Failed` gets to exit (and finish writing why to its log). */
+const FAILED_EXIT_WAIT_MS = 2_000
 
 /** Connects to 127.0.0.1:port (true when something accepts). */
 export const canConnect = (port: number, timeoutMs = 1_000): Effect.Effect<boolean> =>
@@ -155,6 +157,7 @@ const spawnDaemon = (options: StartDaemonOptions, home: string, timeoutMs: numbe
       /** Lets go of the child (so this process can exit) and optionally kills it. */
       const release = (kill: boolean) => {
         clearTimeout(timer)
+        clearTimeout(exitWait)
         ready?.destroy()
         child.removeAllListeners("exit")
         child.unref()
@@ -172,25 +175,35 @@ const spawnDaemon = (options: StartDaemonOptions, home: string, timeoutMs: numbe
         release(kill)
         resume(Effect.succeed(outcome))
       }
+      /**
+       * A `Failed` signal, held back until the daemon has exited: it signals first and writes why it
+       * failed to its log (our log tail) on the way out.
+       */
+      let failed: SpawnOutcome | undefined
+      let exitWait: ReturnType<typeof setTimeout> | undefined
       let buffered = ""
       ready?.setEncoding("utf8")
       ready?.on("data", (text: string) => {
+        if (failed !== undefined) return
         buffered += text
         const newline = buffered.indexOf("\n")
         if (newline < 0) return
         const signal = decodeReadySignal(buffered.slice(0, newline))
-        settle(
-          Either.isRight(signal)
-            ? { _tag: "Signal", signal: signal.right }
-            : { _tag: "SpawnError", message: `unexpected ready line from the daemon: ${buffered.slice(0, 200)}` },
-          Either.isLeft(signal)
-        )
+        if (Either.isLeft(signal)) {
+          settle({ _tag: "SpawnError", message: `unexpected ready line from the daemon: ${buffered.slice(0, 200)}` }, true)
+        } else if (signal.right._tag === "Failed") {
+          const outcome: SpawnOutcome = { _tag: "Signal", signal: signal.right }
+          failed = outcome
+          exitWait = setTimeout(() => settle(outcome, true), FAILED_EXIT_WAIT_MS)
+        } else {
+          settle({ _tag: "Signal", signal: signal.right })
+        }
       })
       ready?.on("error", () => undefined)
       child.on("error", (e) => settle({ _tag: "SpawnError", message: `cannot run ${command}: ${e.message}` }))
       child.once("exit", (code, signal) => {
         // a ready line written just before exiting may still be in the pipe
-        setTimeout(() => settle({ _tag: "Exited", code, signal }), 50)
+        setTimeout(() => settle(failed ?? { _tag: "Exited", code, signal }), 50)
       })
       const timer = setTimeout(() => settle({ _tag: "Exited", code: null, signal: "timeout" }, true), timeoutMs)
       return Effect.sync(() => {

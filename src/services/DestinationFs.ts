@@ -250,7 +250,11 @@ export const make = (options: { readonly home: string }): DestinationFsApi => {
         reason: "io",
         message: `cannot use destination root ${resolved}: ${cause instanceof Error ? cause.message : String(cause)}`
       })
-    yield* Effect.tryPromise({ try: () => fsp.mkdir(resolved, { recursive: true }), catch: io })
+    yield* Effect.tryPromise({
+      // EEXIST: something other than a directory is there; the stat below says so in plain words
+      try: () => fsp.mkdir(resolved, { recursive: true }).catch((e) => (errnoCode(e) === "EEXIST" ? undefined : Promise.reject(e))),
+      catch: io
+    })
     const real = yield* Effect.tryPromise({ try: () => fsp.realpath(resolved), catch: io })
     const st = yield* Effect.tryPromise({ try: () => fsp.stat(real), catch: io })
     if (!st.isDirectory()) return yield* reject("not-a-directory", `destination root is not a directory: ${resolved}`)
