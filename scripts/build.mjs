@@ -14,10 +14,16 @@ const common = {
   format: "esm",
   target: "node20",
   logLevel: "warning",
-  // ws's optional native helpers and ssh2's optional cpu-features are not needed.
-  external: ["bufferutil", "utf-8-validate", "cpu-features"],
-  // Bundled CommonJS dependencies call require(): give the ESM bundle one.
-  banner: { js: "import { createRequire as __sicksyncRequire } from 'node:module'; const require = __sicksyncRequire(import.meta.url);" },
+  // ws's optional native helpers and ssh2's optional cpu-features are not needed; nor is ssh2's
+  // optional native crypto addon (*.node, built by npm ci): ssh2 falls back to node:crypto without it.
+  external: ["bufferutil", "utf-8-validate", "cpu-features", "*.node"],
+  // Bundled CommonJS dependencies call require() (and ssh2's poly1305 reads __dirname at load): give the ESM bundle them.
+  banner: {
+    js:
+      "import { createRequire as __sicksyncRequire } from 'node:module'; const require = __sicksyncRequire(import.meta.url);" +
+      " import { fileURLToPath as __sicksyncPath } from 'node:url'; const __filename = __sicksyncPath(import.meta.url);" +
+      " const __dirname = require('node:path').dirname(__filename);"
+  },
   legalComments: "none",
   // Prefer ESM builds: jsonc-parser's UMD main cannot be bundled.
   mainFields: ["module", "main"],

@@ -8,13 +8,17 @@ import * as NodeContext from "@effect/platform-node/NodeContext"
 import * as NodeRuntime from "@effect/platform-node/NodeRuntime"
 import { Cause, Effect, Layer, Logger, LogLevel, Option } from "effect"
 import { cli } from "../programs/cli.js"
+import * as Bootstrapper from "../services/Bootstrapper.js"
 import * as Config from "../services/Config.js"
 import * as DaemonLocator from "../services/DaemonLocator.js"
 import * as Logging from "../services/Logging.js"
 import * as RemoteConnection from "../services/RemoteConnection.js"
 import * as Watcher from "../services/Watcher.js"
 
-const RemoteLive = RemoteConnection.layer().pipe(Layer.provide(DaemonLocator.layerLocal({ command: DaemonLocator.selfCommand() })))
+const self = DaemonLocator.selfCommand()
+// The SSH transport installs this very bundle on remotes that lack it.
+const LocatorLive = DaemonLocator.layer({ command: self }).pipe(Layer.provide(Bootstrapper.layer({ agentBundle: self[1]! })))
+const RemoteLive = RemoteConnection.layer().pipe(Layer.provide(LocatorLive))
 
 const MainLive = Layer.mergeAll(Config.layer(), Logging.layer, Watcher.layer, RemoteLive).pipe(
   Layer.provideMerge(NodeContext.layer)

@@ -4,7 +4,8 @@
  *
  * The `local` transport serves destinations on this machine: the daemon runs as the current user,
  * its state file is `~/.sicksync/daemon.json` here, and it is started with the same
- * `sicksync start-daemon` handshake that the SSH transport runs on a remote.
+ * `sicksync start-daemon` handshake that the SSH transport runs on a remote. The `ssh` transport is
+ * the Bootstrapper's; `layer` dispatches each destination to one or the other by its transport.
  */
 import { Context, Data, Effect, Either, Layer, Schema } from "effect"
 import { execFile } from "node:child_process"
@@ -15,6 +16,7 @@ import type { Duplex } from "node:stream"
 import type { ResolvedDestination } from "../schemas/ConfigFile.js"
 import { DaemonState, PROTOCOL_VERSION, ReadyLine } from "../schemas/Protocol.js"
 import { VERSION } from "../version.js"
+import { Bootstrapper, isRetryable } from "./Bootstrapper.js"
 
 /** The session could not be opened. `retryable: false` means trying again cannot help (e.g. a bad root). */
 export class ConnectError extends Data.TaggedError("ConnectError")<{
@@ -88,7 +90,7 @@ export const makeLocal = (options: LocalOptions) => {
     if (dest.transport !== "local") {
       return yield* new ConnectError({
         dest: dest.name,
-        message: `transport "${dest.transport}" is not available in this build: only "local" destinations can be synced`,
+        message: `the local daemon locator cannot serve a destination with transport "${dest.transport}"`,
         retryable: false
       })
     }
@@ -115,3 +117,20 @@ export const makeLocal = (options: LocalOptions) => {
 }
 
 export const layerLocal = (options: LocalOptions) => Layer.succeed(DaemonLocator, makeLocal(options))
+
+/** Every transport: `local` destinations here, `ssh` ones through the Bootstrapper. */
+export const make = (options: LocalOptions) =>
+  Effect.gen(function* () {
+    const bootstrapper = yield* Bootstrapper
+    const local = makeLocal(options)
+    return DaemonLocator.of({
+      locate: (dest) =>
+        dest.transport === "local"
+          ? local.locate(dest)
+          : bootstrapper.locate(dest).pipe(
+              Effect.mapError((error) => new ConnectError({ dest: dest.name, message: error.message, retryable: isRetryable(error) }))
+            )
+    })
+  })
+
+export const layer = (options: LocalOptions) => Layer.effect(DaemonLocator, make(options))
