@@ -6,6 +6,7 @@ import * as path from "node:path"
 import { scanLocal } from "../src/programs/reconcile.js"
 import {
   defaultSyncOptions,
+  fileSource,
   makeDestinationWorker as makeWorker,
   makeScanner,
   reconnectSchedule,
@@ -371,6 +372,31 @@ describe("reconciliation in the worker", () => {
       yield* Scope.close(scope, Exit.void)
     })
   )
+})
+
+describe("fileSource", () => {
+  const readAll = (abs: string, stats: fs.Stats) =>
+    Effect.gen(function* () {
+      const parts: Array<Uint8Array> = []
+      yield* fileSource(abs, "f", stats).read((chunk) => Effect.sync(() => void parts.push(chunk)))
+      return Buffer.concat(parts)
+    })
+
+  for (const size of [10, 3 * 1024 * 1024]) {
+    it.effect(`reads a ${size}-byte file whole, and notices one that changed since it was seen`, () =>
+      Effect.gen(function* () {
+        const abs = path.join(tmpRoot(), "f")
+        fs.writeFileSync(abs, Buffer.alloc(size, 1))
+        const stats = fs.statSync(abs)
+        expect((yield* readAll(abs, stats)).byteLength).toBe(size)
+        fs.appendFileSync(abs, "more") // still being written
+        const error = yield* Effect.flip(readAll(abs, stats))
+        expect(error._tag).toBe("SourceChanged")
+        fs.rmSync(abs)
+        expect((yield* Effect.flip(readAll(abs, stats)))._tag).toBe("SourceChanged")
+      })
+    )
+  }
 })
 
 describe("reconnect backoff", () => {
