@@ -307,9 +307,10 @@ describe("sicksync add / remove / list", () => {
     const r = sicksync(home, home, "list")
     expect(r.stdout).toBe(
       [
-        `ALIAS  ${pad("PATH", w)}  ${pad("DESTINATIONS", 57)}  ACTIVE`,
-        `web    ${pad(web, w)}  ${pad("a:/w, b:~/w", 57)}  yes`,
-        `api    ${pad(api, w)}  ${pad("a:/1:/1, a:/2:/2", 57)}  no`,
+        // the error message does not widen the DESTINATIONS column
+        `ALIAS  ${pad("PATH", w)}  ${pad("DESTINATIONS", 16)}  ACTIVE`,
+        `web    ${pad(web, w)}  ${pad("a:/w, b:~/w", 16)}  yes`,
+        `api    ${pad(api, w)}  ${pad("a:/1:/1, a:/2:/2", 16)}  no`,
         `-      ${pad(bad, w)}  (config error: destinations: expected a non-empty list of destinations, got [])  yes`,
         ""
       ].join("\n")

@@ -164,7 +164,7 @@ describe("the big sync a live run starts with", () => {
     for (let i = 0; i < 2000; i++) put(w.project, `repo/p${i % 50}/f${i}.txt`, `v1 ${i}`)
     const sicksync = start([], { cwd: w.project, home: w.home })
     running.push(sicksync)
-    await sicksync.waitFor(/\[box\] in sync/)
+    await sicksync.waitFor(/\[box\] in sync/, 90_000)
     // a "checkout": modify 2,000, add 2,000, delete 1,000
     for (let i = 0; i < 2000; i++) put(w.project, `repo/p${i % 50}/f${i}.txt`, `v2 ${i}`)
     for (let i = 2000; i < 4000; i++) put(w.project, `repo/q${i % 40}/f${i}.txt`, `new ${i}`)

@@ -3,7 +3,6 @@ import { Deferred, Duration, Effect, Exit, Fiber, Layer, Random, Schedule, Scope
 import * as fs from "node:fs"
 import * as os from "node:os"
 import * as path from "node:path"
-import { scanLocal } from "../src/programs/reconcile.js"
 import {
   defaultSyncOptions,
   fileSource,
@@ -18,7 +17,8 @@ import type { ManifestEntry } from "../src/schemas/Protocol.js"
 import { ConnectError } from "../src/services/DaemonLocator.js"
 import { type Excludes, fromPatterns, none } from "../src/services/Excludes.js"
 import * as Progress from "../src/services/Progress.js"
-import { ConnectionLost, RemoteConnection, type Session } from "../src/services/RemoteConnection.js"
+import { fakeRemote } from "./support/fakeRemote.js"
+import { ConnectionLost, RemoteConnection } from "../src/services/RemoteConnection.js"
 
 const fast: SyncOptions = { ...defaultSyncOptions, settle: "5 millis", backoffBase: "5 millis", backoffCap: "20 millis" }
 
@@ -44,65 +44,6 @@ const project = (root: string, ...names: Array<string>): ResolvedProject => ({
   followSymLinks: false
 })
 
-/**
- * A remote that records what reaches each destination. A destination can be offline (open fails),
- * have its session killed, or be held (acks wait until released).
- */
-const fakeRemote = Effect.gen(function* () {
-  const applied = new Map<string, Array<string>>()
-  const offline = new Set<string>()
-  const sessions = new Map<string, Deferred.Deferred<ConnectionLost>>()
-  const held = new Map<string, Deferred.Deferred<void>>()
-  const opens = new Map<string, number>()
-  /** What a destination lists; by default exactly the local tree at that moment (already in sync). */
-  const manifests = new Map<string, ReadonlyArray<ManifestEntry>>()
-  const record = (d: string, entry: string) => applied.set(d, [...(applied.get(d) ?? []), entry])
-  const ackFor = (d: string, closed: Deferred.Deferred<ConnectionLost>) =>
-    Effect.gen(function* () {
-      const gate = held.get(d)
-      if (gate !== undefined) yield* Deferred.await(gate)
-      if (yield* Deferred.isDone(closed)) return yield* Effect.flatMap(Deferred.await(closed), Effect.fail)
-    })
-
-  const layer = Layer.succeed(
-    RemoteConnection,
-    RemoteConnection.of({
-      open: (d, p) =>
-        Effect.gen(function* () {
-          opens.set(d.name, (opens.get(d.name) ?? 0) + 1)
-          if (offline.has(d.name)) return yield* new ConnectError({ dest: d.name, message: "offline", retryable: true })
-          const closed = yield* Deferred.make<ConnectionLost>()
-          sessions.set(d.name, closed)
-          const session: Session = {
-            welcome: { _tag: "Welcome", protocolVersion: 1, daemonVersion: "test", sessionId: "s", root: d.destinationLocation } as never,
-            send: (op) =>
-              Effect.sync(() => {
-                record(d.name, `${op._tag} ${op._tag === "Rename" ? op.from : op.path}`)
-                return ackFor(d.name, closed)
-              }),
-            write: (source) =>
-              Effect.gen(function* () {
-                const parts: Array<Uint8Array> = []
-                yield* source.read((chunk) => Effect.sync(() => void parts.push(chunk)))
-                record(d.name, `Write ${source.path} ${Buffer.concat(parts).toString()}`)
-                return ackFor(d.name, closed)
-              }),
-            manifest: Effect.suspend(() => {
-              const given = manifests.get(d.name)
-              if (given !== undefined) return Effect.succeed(given)
-              return scanLocal(p, none).pipe(
-                Effect.map((tree) => [...tree].map(([path, e]): ManifestEntry => ({ path, ...e }))),
-                Effect.orDie
-              )
-            }),
-            closed: Deferred.await(closed)
-          }
-          return session
-        })
-    })
-  )
-  return { applied, offline, sessions, held, opens, manifests, layer: Layer.merge(layer, Progress.layerNone) }
-})
 
 const tmpRoot = () => fs.mkdtempSync(path.join(os.tmpdir(), "sicksync-sync-"))
 

@@ -11,7 +11,9 @@ import { Alias, Transport } from "../schemas/ConfigFile.js"
 import { SyncConfig } from "../services/Config.js"
 import { VERSION } from "../version.js"
 import * as manage from "./manage.js"
-import { runOnce, runSync } from "./sync.js"
+import { describe, Supervisor } from "../services/Supervisor.js"
+import { defaultSafety } from "./reconcile.js"
+import { runOnce } from "./sync.js"
 import { daemonCommand, startDaemonCommand } from "./daemonCommands.js"
 
 /** A command line that cannot be acted on; printed as is. */
@@ -44,7 +46,9 @@ const root = Command.make("sicksync", { aliases, all, global, noDelete, force },
   Effect.gen(function* () {
     const config = yield* SyncConfig
     const projects = yield* config.resolve({ ...options, cwd: yield* cwd })
-    yield* runSync(projects, options)
+    const supervisor = yield* Supervisor
+    if (projects.length > 1) yield* Effect.log(`syncing ${projects.length} projects:\n${describe(projects)}`)
+    yield* supervisor.run(projects, { noDelete: options.noDelete, safety: { ...defaultSafety, force: options.force } })
   })
 ).pipe(Command.withDescription("Mirror a project onto its destinations as you edit it"))
 

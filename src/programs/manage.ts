@@ -149,8 +149,9 @@ export const remove = Effect.fn("manage.remove")(function* (target: string) {
   yield* Console.log(`Removed ${entry.alias ?? entry.path} from ${config.registryFile} (its ${PROJECT_FILE} is kept)`)
 })
 
-const table = (rows: ReadonlyArray<ReadonlyArray<string>>): string => {
-  const widths = rows[0]!.map((_, i) => Math.max(...rows.map((r) => r[i]!.length)))
+/** Columns padded to their widest cell; cells in `wide` (long error messages) do not widen theirs. */
+const table = (rows: ReadonlyArray<ReadonlyArray<string>>, wide: (cell: string) => boolean = () => false): string => {
+  const widths = rows[0]!.map((_, i) => Math.max(...rows.map((r) => (wide(r[i]!) ? 0 : r[i]!.length))))
   return rows.map((r) => r.map((cell, i) => (i === r.length - 1 ? cell : cell.padEnd(widths[i]!))).join("  ")).join("\n")
 }
 
@@ -177,7 +178,7 @@ export const list = Effect.gen(function* () {
       ])
     )
   )
-  yield* Console.log(table([["ALIAS", "PATH", "DESTINATIONS", "ACTIVE"], ...rows]))
+  yield* Console.log(table([["ALIAS", "PATH", "DESTINATIONS", "ACTIVE"], ...rows], (cell) => cell.startsWith("(config error: ")))
 }).pipe(Effect.withSpan("manage.list"))
 
 export const describeProject = (p: ResolvedProject): string => {
