@@ -12,7 +12,9 @@ import * as Bootstrapper from "../services/Bootstrapper.js"
 import * as Config from "../services/Config.js"
 import * as DaemonLocator from "../services/DaemonLocator.js"
 import * as Logging from "../services/Logging.js"
+import * as Progress from "../services/Progress.js"
 import * as RemoteConnection from "../services/RemoteConnection.js"
+import * as Supervisor from "../services/Supervisor.js"
 import * as Watcher from "../services/Watcher.js"
 
 const self = DaemonLocator.selfCommand()
@@ -20,7 +22,8 @@ const self = DaemonLocator.selfCommand()
 const LocatorLive = DaemonLocator.layer({ command: self }).pipe(Layer.provide(Bootstrapper.layer({ agentBundle: self[1]! })))
 const RemoteLive = RemoteConnection.layer().pipe(Layer.provide(LocatorLive))
 
-const MainLive = Layer.mergeAll(Config.layer(), Logging.layer, Watcher.layer, RemoteLive).pipe(
+const MainLive = Supervisor.layer.pipe(
+  Layer.provideMerge(Layer.mergeAll(Config.layer(), Logging.layer, Watcher.layer, Progress.layer, RemoteLive)),
   Layer.provideMerge(NodeContext.layer)
 )
 
@@ -33,7 +36,8 @@ const userFacing = new Set([
   "WatchError",
   "ExcludesFileError",
   "DaemonAlreadyRunning",
-  "OnceFailed"
+  "OnceFailed",
+  "StartDaemonError"
 ])
 
 const report = (cause: Cause.Cause<unknown>) =>
