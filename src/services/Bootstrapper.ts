@@ -21,7 +21,6 @@ import * as fs from "node:fs/promises"
 import * as os from "node:os"
 import * as path from "node:path"
 import { Duplex } from "node:stream"
-import ssh2 from "ssh2"
 import type { AnyAuthMethod, Client, ClientChannel, ParsedKey, SFTPWrapper } from "ssh2"
 import type { ResolvedDestination } from "../schemas/ConfigFile.js"
 import { DaemonState, PROTOCOL_VERSION, ReadyLine } from "../schemas/Protocol.js"
@@ -254,6 +253,10 @@ export const make = (options: BootstrapperOptions) =>
     if (!/^[0-9A-Za-z.+-]+$/.test(VERSION)) return yield* Effect.dieMessage(`unexpected version string ${VERSION}`)
     const agentRel = `.sicksync/agents/${VERSION}/sicksync.mjs`
 
+    // Loaded on first use: evaluating ssh2 costs ~150 ms, which commands without SSH destinations (and
+    // the daemon, which runs from the same bundle) should not pay.
+    const ssh2 = yield* Effect.cached(Effect.promise(() => import("ssh2").then((m) => m.default)))
+
     /** Our own bundle, read once: the bytes uploaded are the bytes hashed. */
     const agent = yield* Effect.cached(
       Effect.tryPromise({
@@ -299,6 +302,7 @@ export const make = (options: BootstrapperOptions) =>
 
     const authMethods = (target: SshTarget) =>
       Effect.gen(function* () {
+        const { utils } = yield* ssh2
         const methods: Array<AnyAuthMethod> = []
         const tried: Array<string> = []
         const skipped: Array<string> = []
@@ -312,7 +316,7 @@ export const make = (options: BootstrapperOptions) =>
             if (target.explicitIdentityFiles.includes(file)) skipped.push(`${tildify(file, home)} (not found)`)
             continue
           }
-          const parsed = ssh2.utils.parseKey(bytes)
+          const parsed = utils.parseKey(bytes)
           const key: ParsedKey | Error | undefined = Array.isArray(parsed) ? (parsed[0] as ParsedKey | undefined) : parsed
           if (key === undefined || key instanceof Error) {
             const why = key instanceof Error ? key.message : "no key in it"
@@ -384,8 +388,9 @@ export const make = (options: BootstrapperOptions) =>
               `. Create one with ssh-keygen, or set "identityFile" for this destination`
           })
         }
+        const { Client } = yield* ssh2
         return yield* Effect.async<Client, SshError>((resume) => {
-          const client = new ssh2.Client()
+          const client = new Client()
           let settled = false
           let refusal: SshError | undefined
           const notes: Array<string> = []
