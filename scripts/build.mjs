@@ -38,6 +38,17 @@ await build({
   // the entry's own shebang line is kept by esbuild
 })
 
+// The library (`import ... from "sicksync"`): its dependencies stay packages of the embedding
+// program, so that it shares one `effect` with them. Types: `npm run build:types`.
+await build({
+  ...common,
+  entryPoints: [join(root, "src/index.ts")],
+  outfile: join(root, "dist/index.mjs"),
+  packages: "external",
+  banner: {},
+  minify: false
+})
+
 await build({ ...common, entryPoints: [join(root, "scripts/gen-schema.ts")], outfile: join(root, "dist/gen-schema.mjs") })
 mkdirSync(join(root, "schema"), { recursive: true })
 execFileSync(process.execPath, [join(root, "dist/gen-schema.mjs"), join(root, "schema")], { stdio: "inherit" })

@@ -353,3 +353,71 @@ export const make = (options: SessionOptions = defaults) =>
   })
 
 export const layer = (options: SessionOptions = defaults) => Layer.effect(RemoteConnection, make(options))
+
+// ---- test double ------------------------------------------------------------------------------
+
+/** What an in-memory destination holds: path → entry (file bytes as a Buffer). */
+export type MemoryTree = Map<string, ManifestEntry & { readonly content?: Buffer }>
+
+/**
+ * A RemoteConnection whose destinations are in memory, one tree per destination name: for tests
+ * and for programs that embed sicksync. Operations are applied in order and acked at once.
+ */
+export const makeMemory = () => {
+  const trees = new Map<string, MemoryTree>()
+  const treeOf = (dest: string) => {
+    let tree = trees.get(dest)
+    if (tree === undefined) trees.set(dest, (tree = new Map()))
+    return tree
+  }
+  const under = (p: string, root: string) => p === root || p.startsWith(`${root}/`)
+  const removeTree = (tree: MemoryTree, root: string) => {
+    for (const p of [...tree.keys()]) if (under(p, root)) tree.delete(p)
+  }
+  const open = (dest: ResolvedDestination) =>
+    Effect.sync((): Session => {
+      const tree = treeOf(dest.name)
+      const acked: Ack = Effect.void
+      return {
+        welcome: { _tag: "Welcome", protocolVersion: PROTOCOL_VERSION, daemonVersion: "memory", sessionId: randomUUID(), root: dest.destinationLocation } as Welcome,
+        send: (op) =>
+          Effect.sync(() => {
+            switch (op._tag) {
+              case "Mkdir":
+                tree.set(op.path, { path: op.path, type: "dir", size: 0, mtime: op.mtime ?? 0, mode: op.mode ?? 0o755 })
+                break
+              case "Remove":
+                removeTree(tree, op.path)
+                break
+              case "Rename":
+                for (const [p, entry] of [...tree]) {
+                  if (!under(p, op.from)) continue
+                  tree.delete(p)
+                  const moved = op.to + p.slice(op.from.length)
+                  tree.set(moved, { ...entry, path: moved })
+                }
+                break
+              case "Symlink":
+                tree.set(op.path, { path: op.path, type: "symlink", size: 0, mtime: 0, mode: 0, target: op.target })
+            }
+            return acked
+          }),
+        write: (source) =>
+          Effect.gen(function* () {
+            const parts: Array<Uint8Array> = []
+            yield* source.read((chunk) => Effect.sync(() => void parts.push(chunk)))
+            const content = Buffer.concat(parts)
+            removeTree(tree, source.path)
+            tree.set(source.path, { path: source.path, type: "file", size: content.byteLength, mtime: source.mtime, mode: source.mode, content })
+            return acked
+          }),
+        manifest: Effect.sync(() => [...tree.values()].map(({ content: _content, ...entry }) => entry)),
+        closed: Effect.never
+      }
+    })
+  return {
+    /** The destinations' trees, by destination name. */
+    trees,
+    layer: Layer.succeed(RemoteConnection, RemoteConnection.of({ open: (dest) => open(dest) }))
+  }
+}
