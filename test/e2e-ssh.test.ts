@@ -112,6 +112,9 @@ const daemonsOf = (host: Sshd): Array<number> =>
 const stateOf = (host: Sshd) =>
   JSON.parse(fs.readFileSync(path.join(host.home, ".sicksync", "daemon.json"), "utf8")) as { pid: number; port: number; version: string }
 
+/** SSH logins the host's sshd accepted so far. */
+const logins = (host: Sshd) => host.log().split("\n").filter((l) => l.includes("Accepted publickey")).length
+
 const agentOf = (host: Sshd) => path.join(host.home, ".sicksync", "agents", VERSION, "sicksync.mjs")
 
 const sha256 = (file: string) => createHash("sha256").update(fs.readFileSync(file)).digest("hex")
@@ -159,9 +162,6 @@ describe("a project with two ssh destinations on hosts with nothing installed", 
       { name: "a2", host: world.hosts[0]!, dir: "mirror2" }
     ])
   }, 30_000)
-
-  /** SSH logins sshd accepted so far. */
-  const logins = (host: Sshd) => host.log().split("\n").filter((l) => l.includes("Accepted publickey")).length
 
   it("uploads the agent to each host once, starts one daemon per host, and syncs", async () => {
     client = startClient(world, project)
@@ -275,6 +275,7 @@ describe("a link cut and restored", () => {
     write(project, "before.txt", "before")
     await converged(project, remote())
     const connected = count(client, /\[h\] connected/)
+    const loginsBefore = logins(world.hosts[0]!)
     proxy.setMode("blackhole")
     write(project, "offline/new.txt", "made while offline")
     write(project, "before.txt", "edited while offline")
@@ -286,10 +287,13 @@ describe("a link cut and restored", () => {
     await converged(project, remote(), 60_000)
     expect(fs.readFileSync(path.join(remote(), "before.txt"), "utf8")).toBe("edited while offline")
     expect(fs.existsSync(path.join(remote(), "offline", "new.txt"))).toBe(false)
+    // The stalled SSH connection was given up and a new one made.
+    expect(logins(world.hosts[0]!)).toBeGreaterThan(loginsBefore)
   }, 120_000)
 
   it("reset: connections torn down, then back; edits made meanwhile arrive", async () => {
     const connected = count(client, /\[h\] connected/)
+    const loginsBefore = logins(world.hosts[0]!)
     proxy.setMode("reset")
     await client.waitFor(/\[h\] .*connection lost/, 20_000)
     write(project, "after-reset/a.txt", "a")
@@ -298,6 +302,7 @@ describe("a link cut and restored", () => {
     proxy.setMode("pass")
     await waitUntil("a reconnection", () => count(client, /\[h\] connected/) > connected, 60_000)
     await converged(project, remote(), 60_000)
+    expect(logins(world.hosts[0]!)).toBeGreaterThan(loginsBefore)
     // The daemon itself was never affected: still exactly one.
     expect(daemonsOf(world.hosts[0]!)).toHaveLength(1)
   }, 120_000)

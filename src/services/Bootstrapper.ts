@@ -546,6 +546,12 @@ export const make = (options: BootstrapperOptions) =>
       })
     }
 
+    /** A channel the server refused (it has a `reason`) leaves the connection usable; anything else means it is gone. */
+    const channelFailure = (conn: Connection, what: string, error: Error) =>
+      "reason" in error
+        ? new SshError({ host: conn.target.label, reason: "lost", message: `${conn.target.label} refused a channel (${what}): ${error.message}` })
+        : lost(conn, what, error)
+
     /** Runs a script with `/bin/sh -s` (no TTY) and collects its output. */
     const run = (conn: Connection, script: string, what: string, timeout: Duration.Duration = stepTimeout) =>
       within(
@@ -556,7 +562,7 @@ export const make = (options: BootstrapperOptions) =>
           let channel: ClientChannel | undefined
           try {
             conn.client.exec("/bin/sh -s", (error, stream) => {
-              if (error) return resume(Effect.fail(lost(conn, what, error)))
+              if (error) return resume(Effect.fail(channelFailure(conn, what, error)))
               channel = stream
               const out: Array<Buffer> = []
               const err: Array<Buffer> = []
