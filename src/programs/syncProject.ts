@@ -413,13 +413,22 @@ export const makeDestinationWorker = (
       })
 
     let lastError = ""
+    let lastRetried = false
     const connect = remote.open(dest, project).pipe(
-      Effect.tapError((e: ConnectError) => Effect.sync(() => (lastError = e.message))),
+      Effect.tapError((e: ConnectError) =>
+        Effect.sync(() => {
+          lastError = e.message
+          lastRetried = e.retryable && mode === "live"
+        })
+      ),
       Effect.retry({
         while: (e: ConnectError) => e.retryable && mode === "live",
         schedule: reconnectSchedule(options).pipe(
+          // The schedule steps once more for an error `while` then stops: announce retries only.
           Schedule.tapOutput((delay) =>
-            Effect.logWarning(`offline (${lastError}); retrying in ${Duration.format(Duration.millis(Math.round(Duration.toMillis(delay))))}`)
+            lastRetried
+              ? Effect.logWarning(`offline (${lastError}); retrying in ${Duration.format(Duration.millis(Math.round(Duration.toMillis(delay))))}`)
+              : Effect.void
           )
         )
       })
