@@ -3,6 +3,8 @@
  * Benchmarks, run against the built bundle (dist/sicksync.mjs) on the `local` transport:
  *
  *   scripts/bench latency [--edits N]   save-to-remote latency percentiles, and `cp` as the floor
+ *   scripts/bench latency --ssh         the same through a real sshd on 127.0.0.1 (started here, as in
+ *                                       the tests), against lsyncd and against rsync run per change
  *   scripts/bench reconcile [--files N] big sync vs `rsync -a --delete`: initial, no-change, checkout
  *
  * Everything happens under a temp dir with its own $HOME (its own daemon), removed at the end.
@@ -120,6 +122,104 @@ const latency = async () => {
   for (const r of results) console.log(`${r.label.padEnd(30)}${fmt(r.p50)} ${fmt(r.p95)} ${fmt(r.p99)}`)
 }
 
+// ---- latency over SSH ---------------------------------------------------------------------------
+
+/** The tests' sshd harness (TypeScript), bundled on the fly. */
+const loadSshHarness = async () => {
+  const { build } = await import("esbuild")
+  const out = path.join(base, "sshd-harness.mjs")
+  await build({ entryPoints: [path.join(root, "test/support/sshd.ts")], bundle: true, platform: "node", format: "esm", outfile: out, packages: "external", logLevel: "warning" })
+  return import(out)
+}
+
+const latencySsh = async () => {
+  const edits = flag("edits", 200)
+  const { startSshd, prepareClientHome } = await loadSshHarness()
+  const sshd = await startSshd({ dir: path.join(base, "host") })
+  children.push({ kill: () => void sshd.stop() })
+  const key = prepareClientHome(home, [sshd.knownHostsLine()])
+  sshd.authorize(key.publicKey)
+  const knownHosts = path.join(home, ".ssh", "known_hosts")
+  const user = sshd.account.name
+  const sshArgs = `ssh -p ${sshd.port} -i ${key.privatePath} -o UserKnownHostsFile=${knownHosts} -o BatchMode=yes`
+  const sshEnv = { ...env, SSH_AUTH_SOCK: "" }
+  const remoteDir = (name) => {
+    const dir = path.join(sshd.home, name)
+    sshd.runAs(`mkdir -p '${dir}'`)
+    return dir
+  }
+  const results = []
+
+  const measure = async (label, dir, edit) => {
+    const samples = []
+    for (let i = 0; i < edits; i++) {
+      const content = `${label} edit ${i} ${Math.random()}\n`.repeat(1 + (i % 20))
+      const arrived = arrival(dir, "edited.txt", content)
+      const t0 = performance.now()
+      edit(content)
+      samples.push((await arrived) - t0)
+      await sleep(flag("gap", 15))
+    }
+    samples.sort((a, b) => a - b)
+    results.push({ label, p50: percentile(samples, 50), p95: percentile(samples, 95), p99: percentile(samples, 99) })
+  }
+
+  // sicksync over SSH: agent upload, remote daemon, port-forwarded WebSocket
+  const ours = remoteDir("sicksync")
+  fs.writeFileSync(
+    path.join(project, ".sicksync-config.json"),
+    JSON.stringify({
+      project: "bench",
+      destinations: [{ name: "devbox", hostname: "127.0.0.1", port: sshd.port, username: user, destinationLocation: ours, websocketPort: 0 }]
+    })
+  )
+  const client = spawn(process.execPath, [bundle], { cwd: project, env: sshEnv, stdio: ["ignore", "pipe", "inherit"] })
+  children.push(client)
+  let out = ""
+  client.stdout.on("data", (d) => (out += d))
+  const deadline = Date.now() + 60_000
+  while (!/in sync/.test(out)) {
+    if (Date.now() > deadline) throw new Error(`sicksync did not get in sync over SSH:\n${out}`)
+    await sleep(20)
+  }
+  await measure("sicksync (ssh)", ours, (c) => fs.writeFileSync(path.join(project, "edited.txt"), c))
+  client.kill("SIGTERM")
+
+  // lsyncd with default.rsyncssh and no delay: what the old tools offer
+  const lsrc = path.join(base, "lsyncd-src")
+  fs.mkdirSync(lsrc)
+  const theirs = remoteDir("lsyncd")
+  const conf = path.join(base, "lsyncd.conf")
+  fs.writeFileSync(
+    conf,
+    `settings { nodaemon = true, logfile = "${base}/lsyncd.log", statusFile = "${base}/lsyncd.status" }
+sync { default.rsyncssh, source = "${lsrc}", host = "${user}@127.0.0.1", targetdir = "${theirs}", delay = 0,
+  ssh = { port = ${sshd.port}, identityFile = "${key.privatePath}", options = { UserKnownHostsFile = "${knownHosts}", BatchMode = "yes" } } }
+`
+  )
+  fs.writeFileSync(path.join(lsrc, "ready.txt"), "ready")
+  const lsyncd = spawn("lsyncd", [conf], { env: sshEnv, stdio: "ignore" })
+  children.push(lsyncd)
+  await arrival(theirs, "ready.txt", "ready") // its initial rsync is done
+  await measure("lsyncd (rsyncssh, delay 0)", theirs, (c) => fs.writeFileSync(path.join(lsrc, "edited.txt"), c))
+  lsyncd.kill("SIGTERM")
+
+  // rsync over ssh, run for every change
+  const rsrc = path.join(base, "rsync-src")
+  fs.mkdirSync(rsrc)
+  const rdst = remoteDir("rsync")
+  await measure("rsync per change (ssh)", rdst, (c) => {
+    fs.writeFileSync(path.join(rsrc, "edited.txt"), c)
+    const r = spawnSync("rsync", ["-a", "-e", sshArgs, path.join(rsrc, "edited.txt"), `${user}@127.0.0.1:${rdst}/`], { env: sshEnv })
+    if (r.status !== 0) throw new Error(`rsync failed: ${r.stderr}`)
+  })
+  await sshd.stop()
+
+  console.log(`save-to-remote latency over ${edits} single-file edits through sshd on 127.0.0.1 (ms)`)
+  console.log(`${"".padEnd(30)}    p50     p95     p99`)
+  for (const r of results) console.log(`${r.label.padEnd(30)}${fmt(r.p50)} ${fmt(r.p95)} ${fmt(r.p99)}`)
+}
+
 // ---- reconcile ----------------------------------------------------------------------------------
 
 const reconcile = async () => {
@@ -205,7 +305,7 @@ const reconcile = async () => {
 }
 
 try {
-  if (mode === "latency") await latency()
+  if (mode === "latency") await (rest.includes("--ssh") ? latencySsh() : latency())
   else if (mode === "reconcile") await reconcile()
   else {
     console.error(`error: unknown benchmark "${mode}": expected latency or reconcile`)

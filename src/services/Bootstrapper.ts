@@ -399,7 +399,11 @@ export const make = (options: BootstrapperOptions) =>
             settled = true
             resume(outcome)
           }
-          client.on("ready", () => settle(Effect.succeed(client)))
+          client.on("ready", () => {
+            // Every save is a few small frames: Nagle's algorithm would hold each for a delayed ACK (~40 ms).
+            client.setNoDelay(true)
+            settle(Effect.succeed(client))
+          })
           client.on("error", (error: Error & { level?: string; code?: string }) => {
             if (settled) return onDead()
             // ssh2 reports an unusable agent or key and then goes on with the next method.
