@@ -6,7 +6,8 @@ import * as fs from "node:fs"
 import * as os from "node:os"
 import * as path from "node:path"
 import { afterEach, beforeAll, describe, expect, it } from "vitest"
-import { ensureBundle, run, type Running, start } from "./support/cli.js"
+import { spawnSync } from "node:child_process"
+import { bundle, ensureBundle, run, type Running, start } from "./support/cli.js"
 import { diffTrees, waitForIdentical } from "./support/tree.js"
 
 interface World {
@@ -125,6 +126,28 @@ describe("sicksync once", () => {
     const forced = once(w, "--force")
     expect(forced.code).toBe(0)
     expect(fs.existsSync(path.join(w.remote, "old"))).toBe(false)
+  })
+
+  it("on a terminal, a large deletion is asked about: no keeps everything, yes deletes", () => {
+    const w = world()
+    for (let i = 0; i < 30; i++) put(w.remote, `old/f${i}.txt`)
+    put(w.project, "only.txt")
+    // `script` gives the CLI a pseudo-terminal; the answer is typed once the question is up.
+    const ask = (answer: string) =>
+      spawnSync("sh", ["-c", `(sleep 4; printf '${answer}') | script -qec "${process.execPath} ${bundle} once" /dev/null`], {
+        cwd: w.project,
+        env: { ...process.env, HOME: w.home },
+        encoding: "utf8",
+        timeout: 60_000
+      })
+    const no = ask("n")
+    expect(no.stdout).toMatch(/this would delete 31 of the 31 entries on the destination \(more than 50 %\)\. Delete them\?/)
+    expect(no.status).not.toBe(0)
+    expect(fs.readdirSync(path.join(w.remote, "old")).length).toBe(30)
+    const yes = ask("y")
+    expect(yes.status).toBe(0)
+    expect(fs.existsSync(path.join(w.remote, "old"))).toBe(false)
+    expect(fs.readFileSync(path.join(w.remote, "only.txt"), "utf8")).toBe("only.txt")
   })
 
   it("an empty source never empties the destination, forced or not", () => {

@@ -215,7 +215,12 @@ export const makeScanner = (project: ResolvedProject, excludes: Excludes) =>
 export type WorkerMode = "live" | "once" | "dry-run"
 
 /** The destination stopped for a reason retrying cannot fix; already logged. */
-export class DestinationHalted extends Data.TaggedError("DestinationHalted")<{ readonly dest: string; readonly message: string }> {}
+export class DestinationHalted extends Data.TaggedError("DestinationHalted")<{
+  readonly dest: string
+  readonly message: string
+  /** Halted by the deletion safety check: `--force` (or a confirmation) would let it go on. */
+  readonly unsafeDeletion: boolean
+}> {}
 
 export interface DestinationWorker {
   readonly dest: ResolvedDestination
@@ -434,10 +439,10 @@ export const makeDestinationWorker = (
       })
     )
 
-    const halt = (message: string) =>
+    const halt = (message: string, unsafeDeletion = false) =>
       Effect.zipRight(
         Effect.logError(`${message}; this destination is halted`),
-        Effect.fail(new DestinationHalted({ dest: dest.name, message }))
+        Effect.fail(new DestinationHalted({ dest: dest.name, message, unsafeDeletion }))
       )
 
     const run: Effect.Effect<void, DestinationHalted> = Effect.gen(function* () {
@@ -459,7 +464,7 @@ export const makeDestinationWorker = (
           case "ScanError":
             return yield* halt(`cannot read ${error.root}: ${error.message}`)
           case "UnsafeDeletion":
-            return yield* halt(error.message)
+            return yield* halt(error.message, true)
           case "ConnectionLost":
             if (mode !== "live") return yield* halt(`connection lost: ${error.message}`)
             yield* Effect.logWarning(`connection lost (${error.message}); reconnecting`)
