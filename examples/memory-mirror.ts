@@ -2,12 +2,12 @@
 // path as the CLI, with the remote side replaced by an in-memory test layer.
 import * as NodeContext from "@effect/platform-node/NodeContext"
 import { Effect, Fiber, Layer } from "effect"
-import { Config, Progress, RemoteConnection, syncProject, Watcher } from "sicksync"
+import { Config, Progress, RemoteConnection, Status, syncProject, Watcher } from "sicksync"
 
 export const mirrorIntoMemory = (configFile: string) =>
   Effect.gen(function* () {
     const memory = RemoteConnection.makeMemory()
-    const layer = Layer.mergeAll(Config.layer(), Watcher.layer, Progress.layerNone, memory.layer).pipe(
+    const layer = Layer.mergeAll(Config.layer(), Watcher.layer, Progress.layerNone, Status.layerNone, memory.layer).pipe(
       Layer.provideMerge(NodeContext.layer)
     )
     const project = yield* Effect.flatMap(Config.SyncConfig, (config) => config.loadProject(configFile)).pipe(

@@ -11,6 +11,7 @@ import * as DaemonLocator from "./services/DaemonLocator.js"
 import * as Logging from "./services/Logging.js"
 import * as Progress from "./services/Progress.js"
 import * as RemoteConnection from "./services/RemoteConnection.js"
+import * as Status from "./services/Status.js"
 import * as Supervisor from "./services/Supervisor.js"
 import * as Watcher from "./services/Watcher.js"
 
@@ -18,7 +19,7 @@ export * as ConfigFile from "./schemas/ConfigFile.js"
 export * as FileEvent from "./schemas/FileEvent.js"
 export * as Protocol from "./schemas/Protocol.js"
 export * as Excludes from "./services/Excludes.js"
-export { Bootstrapper, Config, DaemonLocator, Logging, Progress, RemoteConnection, Supervisor, Watcher }
+export { Bootstrapper, Config, DaemonLocator, Logging, Progress, RemoteConnection, Status, Supervisor, Watcher }
 export { reconcileOnce, syncProject, defaultSyncOptions, type SyncOptions, DestinationHalted } from "./programs/syncProject.js"
 export { diff, scanLocal, type ReconcilePlan } from "./programs/reconcile.js"
 export { coalesce } from "./programs/coalesce.js"
@@ -48,6 +49,7 @@ export const layer = (options: LiveOptions) => {
         remote
       )
     ),
+    Layer.provideMerge(Status.layerNone),
     Layer.provideMerge(NodeContext.layer)
   )
 }

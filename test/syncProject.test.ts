@@ -17,6 +17,7 @@ import type { ManifestEntry } from "../src/schemas/Protocol.js"
 import { ConnectError } from "../src/services/DaemonLocator.js"
 import { type Excludes, fromPatterns, none } from "../src/services/Excludes.js"
 import * as Progress from "../src/services/Progress.js"
+import * as Status from "../src/services/Status.js"
 import { fakeRemote } from "./support/fakeRemote.js"
 import { ConnectionLost, RemoteConnection } from "../src/services/RemoteConnection.js"
 
@@ -195,7 +196,7 @@ describe("destination worker", () => {
         })
       )
       const worker = yield* makeDestinationWorker(project(root, "one"), dest("one"), fromPatterns([]), fast).pipe(
-        Effect.provide(Layer.merge(refusing, Progress.layerNone))
+        Effect.provide(Layer.mergeAll(refusing, Progress.layerNone, Status.layerNone))
       )
       const outcome = yield* Effect.flip(worker.run)
       expect(outcome).toMatchObject({ _tag: "DestinationHalted", dest: "one", message: "protocol mismatch" })

@@ -14,6 +14,7 @@ import * as DaemonLocator from "../services/DaemonLocator.js"
 import * as Logging from "../services/Logging.js"
 import * as Progress from "../services/Progress.js"
 import * as RemoteConnection from "../services/RemoteConnection.js"
+import * as Status from "../services/Status.js"
 import * as Supervisor from "../services/Supervisor.js"
 import * as Watcher from "../services/Watcher.js"
 
@@ -24,6 +25,7 @@ const RemoteLive = RemoteConnection.layer().pipe(Layer.provide(LocatorLive))
 
 const MainLive = Supervisor.layer.pipe(
   Layer.provideMerge(Layer.mergeAll(Config.layer(), Logging.layer, Watcher.layer, Progress.layer, RemoteLive)),
+  Layer.provideMerge(Status.layer),
   Layer.provideMerge(NodeContext.layer)
 )
 

@@ -24,6 +24,7 @@ import {
   SourceUnreadable
 } from "../services/RemoteConnection.js"
 import { type Bar, Progress } from "../services/Progress.js"
+import { type DestinationState, Status } from "../services/Status.js"
 import { Watcher } from "../services/Watcher.js"
 import { coalesce } from "./coalesce.js"
 import {
@@ -246,6 +247,8 @@ export const makeDestinationWorker = (
   Effect.gen(function* () {
     const remote = yield* RemoteConnection
     const progress = yield* Progress
+    const status = yield* Status
+    const show = (state: DestinationState) => status.set(project.name, dest.name, state)
     let dirty = new Map<string, ChangeKind>()
     const wake = yield* Queue.sliding<void>(1)
 
@@ -283,6 +286,7 @@ export const makeDestinationWorker = (
     const reconcile = (session: Session, notBefore: number) =>
       Effect.gen(function* () {
         const startedAt = yield* Clock.currentTimeMillis
+        yield* show({ _tag: "reconciling" })
         const local = yield* scanner.scan(notBefore)
         const manifest = yield* session.manifest
         const plan = diff(local, manifest, excludes, { noDelete: options.noDelete })
@@ -300,6 +304,7 @@ export const makeDestinationWorker = (
         for (const p of plan.removes) if (!dirty.has(p)) dirty.set(p, "remove")
         for (const p of plan.upserts) if (!dirty.has(p)) dirty.set(p, "upsert")
         if (plan.upserts.length + plan.removes.length === 0 && dirty.size === 0) {
+          yield* show({ _tag: "inSync" })
           yield* Effect.log(`in sync (${local.size} entries checked in ${(yield* Clock.currentTimeMillis) - startedAt} ms)`)
           return
         }
@@ -403,7 +408,9 @@ export const makeDestinationWorker = (
           }
           const batch = dirty
           dirty = new Map()
+          yield* show({ _tag: "syncing", files: batch.size })
           yield* apply(session, batch)
+          if (dirty.size === 0 && reconcileFrom === undefined) yield* show({ _tag: "inSync" })
           if (reconciling !== undefined && dirty.size === 0 && reconcileFrom === undefined) {
             const r = reconciling
             reconciling = undefined
@@ -432,7 +439,10 @@ export const makeDestinationWorker = (
           // The schedule steps once more for an error `while` then stops: announce retries only.
           Schedule.tapOutput((delay) =>
             lastRetried
-              ? Effect.logWarning(`offline (${lastError}); retrying in ${Duration.format(Duration.millis(Math.round(Duration.toMillis(delay))))}`)
+              ? Effect.zipRight(
+                  show({ _tag: "offline", retryInMs: Duration.toMillis(delay) }),
+                  Effect.logWarning(`offline (${lastError}); retrying in ${Duration.format(Duration.millis(Math.round(Duration.toMillis(delay))))}`)
+                )
               : Effect.void
           )
         )
@@ -441,12 +451,13 @@ export const makeDestinationWorker = (
 
     const halt = (message: string, unsafeDeletion = false) =>
       Effect.zipRight(
-        Effect.logError(`${message}; this destination is halted`),
+        Effect.zipRight(show({ _tag: "halted" }), Effect.logError(`${message}; this destination is halted`)),
         Effect.fail(new DestinationHalted({ dest: dest.name, message, unsafeDeletion }))
       )
 
     const run: Effect.Effect<void, DestinationHalted> = Effect.gen(function* () {
       for (;;) {
+        yield* show({ _tag: "connecting" })
         const outcome = yield* Effect.scoped(
           Effect.gen(function* () {
             const session = yield* connect
@@ -470,7 +481,10 @@ export const makeDestinationWorker = (
             yield* Effect.logWarning(`connection lost (${error.message}); reconnecting`)
         }
       }
-    }).pipe(Effect.annotateLogs({ dest: dest.name }))
+    }).pipe(
+      Effect.ensuring(status.remove(project.name, dest.name)),
+      Effect.annotateLogs({ dest: dest.name })
+    )
 
     return { dest, offer, requestReconcile, run } satisfies DestinationWorker
   })

@@ -2,7 +2,8 @@
  * Human-facing log output: `[project] [destination] message`, taken from the `project` and `dest`
  * log annotations. Info and debug go to stdout, warnings and errors to stderr.
  */
-import { Cause, HashMap, Logger, LogLevel, Option } from "effect"
+import { Cause, Effect, HashMap, Layer, Logger, LogLevel, Option } from "effect"
+import { Status } from "./Status.js"
 
 const text = (message: unknown): string =>
   Array.isArray(message) ? message.map(text).join(" ") : typeof message === "string" ? message : String(message)
@@ -24,10 +25,14 @@ export const format = (options: {
   return `${tag("project")}${tag("dest")}${level}${text(options.message)}${cause}`
 }
 
-export const logger = Logger.make(({ annotations, cause, logLevel, message }) => {
-  const line = format({ level: logLevel, message, annotations, cause })
-  if (LogLevel.greaterThanEqual(logLevel, LogLevel.Warning)) process.stderr.write(`${line}\n`)
-  else process.stdout.write(`${line}\n`)
-})
+/** Writes each entry as one line through `write` (the Status service's, to keep its live line whole). */
+export const makeLogger = (write: (text: string, stream: "stdout" | "stderr") => void) =>
+  Logger.make(({ annotations, cause, logLevel, message }) => {
+    const line = format({ level: logLevel, message, annotations, cause })
+    write(line, LogLevel.greaterThanEqual(logLevel, LogLevel.Warning) ? "stderr" : "stdout")
+  })
 
-export const layer = Logger.replace(Logger.defaultLogger, logger)
+/** The logger, writing through `Status`. */
+export const layer: Layer.Layer<never, never, Status> = Layer.unwrapEffect(
+  Effect.map(Status, (status) => Logger.replace(Logger.defaultLogger, makeLogger(status.line)))
+)

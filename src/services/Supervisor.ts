@@ -12,6 +12,7 @@ import type { ResolvedProject } from "../schemas/ConfigFile.js"
 import { SyncConfig } from "./Config.js"
 import type { Progress } from "./Progress.js"
 import type { RemoteConnection } from "./RemoteConnection.js"
+import type { Status } from "./Status.js"
 import type { Watcher } from "./Watcher.js"
 
 export interface SuperviseOptions extends SyncOptions {
@@ -65,7 +66,7 @@ const fileChanges = (file: string) =>
 
 export const make = Effect.gen(function* () {
   const config = yield* SyncConfig
-  const context = yield* Effect.context<RemoteConnection | Watcher | Progress>()
+  const context = yield* Effect.context<RemoteConnection | Watcher | Progress | Status>()
 
   const run = (projects: ReadonlyArray<ResolvedProject>, overrides: Partial<SuperviseOptions> = {}) =>
     Effect.scoped(

@@ -7,6 +7,7 @@ import type { ManifestEntry } from "../../src/schemas/Protocol.js"
 import { ConnectError } from "../../src/services/DaemonLocator.js"
 import { none } from "../../src/services/Excludes.js"
 import * as Progress from "../../src/services/Progress.js"
+import * as Status from "../../src/services/Status.js"
 import { ConnectionLost, RemoteConnection, type Session } from "../../src/services/RemoteConnection.js"
 
 /**
@@ -66,5 +67,5 @@ export const fakeRemote = Effect.gen(function* () {
         })
     })
   )
-  return { applied, offline, sessions, held, opens, manifests, layer: Layer.merge(layer, Progress.layerNone) }
+  return { applied, offline, sessions, held, opens, manifests, layer: Layer.mergeAll(layer, Progress.layerNone, Status.layerNone) }
 })

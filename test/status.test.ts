@@ -1,0 +1,62 @@
+import { describe, expect, it } from "@effect/vitest"
+import { Effect, Exit, Layer, Scope } from "effect"
+import * as fs from "node:fs"
+import * as os from "node:os"
+import * as path from "node:path"
+import { makeDestinationWorker, makeScanner, defaultSyncOptions } from "../src/programs/syncProject.js"
+import type { ResolvedProject } from "../src/schemas/ConfigFile.js"
+import { none } from "../src/services/Excludes.js"
+import { type DestinationState, render, Status } from "../src/services/Status.js"
+import { fakeRemote } from "./support/fakeRemote.js"
+
+describe("Status", () => {
+  it("renders one compact line, cut to the terminal's width", () => {
+    const states = new Map<string, DestinationState>([
+      ["webapp → devbox1", { _tag: "inSync" }],
+      ["api → devbox2", { _tag: "syncing", files: 12 }],
+      ["docs → box3", { _tag: "offline", retryInMs: 3600 }]
+    ])
+    expect(render(states, 200)).toBe("webapp → devbox1 in sync · api → devbox2 syncing 12 · docs → box3 offline, retry in 4s")
+    expect(render(states, 20)).toBe("webapp → devbox1 in…")
+  })
+
+  it.live("a worker reports connecting, comparing, syncing and in sync, and leaves the line when it ends", () =>
+    Effect.gen(function* () {
+      const root = fs.mkdtempSync(path.join(os.tmpdir(), "sicksync-status-"))
+      const project: ResolvedProject = {
+        name: "p",
+        alias: undefined,
+        root,
+        configFile: path.join(root, ".sicksync-config.json"),
+        destinations: [],
+        excludes: [],
+        excludesFile: [],
+        followSymLinks: false
+      }
+      const dest = { name: "d", hostname: "d", destinationLocation: "/d", username: undefined, port: undefined, identityFile: undefined, websocketPort: 0, transport: "local" as const }
+      const seen: Array<string> = []
+      const recording = Layer.succeed(
+        Status,
+        Status.of({
+          set: (_p, _d, state) => Effect.sync(() => void seen.push(state._tag)),
+          remove: () => Effect.sync(() => void seen.push("removed")),
+          line: () => undefined
+        })
+      )
+      const remote = yield* fakeRemote
+      const scope = yield* Scope.make()
+      const worker = yield* makeScanner(project, none).pipe(
+        Effect.flatMap((scanner) => makeDestinationWorker(project, dest, none, scanner, { ...defaultSyncOptions, settle: "5 millis" })),
+        Effect.provide(Layer.merge(remote.layer, recording))
+      )
+      yield* Effect.forkIn(worker.run, scope)
+      while (!seen.includes("inSync")) yield* Effect.sleep("5 millis")
+      fs.writeFileSync(path.join(root, "f"), "x")
+      yield* worker.offer([{ path: "f", kind: "upsert" }])
+      while (seen.filter((s) => s === "inSync").length < 2) yield* Effect.sleep("5 millis")
+      yield* Scope.close(scope, Exit.void)
+      yield* Effect.sleep("10 millis")
+      expect(seen).toEqual(["connecting", "reconciling", "inSync", "syncing", "inSync", "removed"])
+    })
+  )
+})
