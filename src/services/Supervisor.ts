@@ -48,20 +48,55 @@ export const describe = (projects: ReadonlyArray<ResolvedProject>): string => {
   return [header, ...rows].map((r) => r.map((c, i) => c.padEnd(widths[i]!)).join("  ").trimEnd()).join("\n")
 }
 
-/** Changes of one file, as a stream of ticks (its directory is watched: editors replace files). */
+/**
+ * Changes of one file, as a stream of ticks (its directory is watched: editors replace files). A
+ * watch dies with its directory; the directory is looked at every second and, once it is back (a
+ * project root removed and restored), watched anew, with a tick for the file found there.
+ */
 const fileChanges = (file: string) =>
   Stream.async<void>((emit) => {
+    const dir = path.dirname(file)
     const name = path.basename(file)
     let watcher: fs.FSWatcher | undefined
-    try {
-      watcher = fs.watch(path.dirname(file), (_event, changed) => {
-        if (changed === null || changed === name) void emit.single(undefined)
-      })
-      watcher.on("error", () => emit.end())
-    } catch {
-      emit.end()
+    /** dev:ino of the watched directory; undefined while nothing is watched. */
+    let watched: string | undefined
+    const identity = () => {
+      const st = fs.statSync(dir, { throwIfNoEntry: false })
+      return st?.isDirectory() ? `${st.dev}:${st.ino}` : undefined
     }
-    return Effect.sync(() => watcher?.close())
+    const unwatch = () => {
+      watcher?.close()
+      watcher = undefined
+      watched = undefined
+    }
+    const watch = () => {
+      unwatch()
+      const now = identity()
+      if (now === undefined) return
+      try {
+        watcher = fs.watch(dir, (_event, changed) => {
+          if (changed === null || changed === name) void emit.single(undefined)
+          // Maybe the directory itself, removed or moved away: this watch would see nothing more.
+          // Dropped either way; the next look watches it again (and ticks) if it is still there.
+          if (changed === path.basename(dir)) unwatch()
+        })
+        watcher.on("error", unwatch)
+        watched = now
+      } catch {
+        unwatch()
+      }
+    }
+    watch()
+    const timer = setInterval(() => {
+      const now = identity()
+      if (now === watched) return
+      watch()
+      if (now !== undefined) void emit.single(undefined)
+    }, 1000)
+    return Effect.sync(() => {
+      clearInterval(timer)
+      unwatch()
+    })
   })
 
 export const make = Effect.gen(function* () {
