@@ -6,6 +6,12 @@
  *   scripts/bench latency --ssh         the same through a real sshd on 127.0.0.1 (started here, as in
  *                                       the tests), against lsyncd and against rsync run per change
  *   scripts/bench reconcile [--files N] big sync vs `rsync -a --delete`: initial, no-change, checkout
+ *   scripts/bench scale [--projects N] [--files N] [--edits N] [--hosts 1|2] [--trace]
+ *                                       N projects × 2 destinations in one `sicksync --all` process,
+ *                                       over SSH to sshd on 127.0.0.1: start-up until every destination
+ *                                       is in sync (cold and warm), RSS of the client and of one remote
+ *                                       daemon, save-to-remote percentiles while all are running
+ *                                       (--trace: the client's output, timed, on stderr)
  *
  * Everything happens under a temp dir with its own $HOME (its own daemon), removed at the end.
  */
@@ -220,6 +226,186 @@ sync { default.rsyncssh, source = "${lsrc}", host = "${user}@127.0.0.1", targetd
   for (const r of results) console.log(`${r.label.padEnd(30)}${fmt(r.p50)} ${fmt(r.p95)} ${fmt(r.p99)}`)
 }
 
+// ---- scale ----------------------------------------------------------------------------------------
+
+/** VmRSS and VmHWM (peak) of a process, in MiB. */
+const memoryOf = (pid) => {
+  const status = fs.readFileSync(`/proc/${pid}/status`, "utf8")
+  const kib = (field) => Number(new RegExp(`^${field}:\\s+(\\d+) kB`, "m").exec(status)?.[1] ?? NaN)
+  return { rss: kib("VmRSS") / 1024, hwm: kib("VmHWM") / 1024 }
+}
+
+const scale = async () => {
+  const projectCount = flag("projects", 20)
+  const filesEach = flag("files", 50)
+  const edits = flag("edits", 100)
+  const hostCount = flag("hosts", 1)
+  const { startSshd, prepareClientHome } = await loadSshHarness()
+  const hosts = []
+  for (let i = 0; i < hostCount; i++) {
+    const sshd = await startSshd({ dir: path.join(base, `host${i + 1}`) })
+    hosts.push(sshd)
+    children.push({
+      kill: () => {
+        // This benchmark's daemons go with it, not after their grace period.
+        try {
+          process.kill(JSON.parse(fs.readFileSync(path.join(sshd.home, ".sicksync", "daemon.json"), "utf8")).pid, "SIGTERM")
+        } catch {}
+        void sshd.stop()
+      }
+    })
+  }
+  const key = prepareClientHome(home, hosts.map((h) => h.knownHostsLine()))
+  for (const h of hosts) h.authorize(key.publicKey)
+  const sshEnv = { ...env, SSH_AUTH_SOCK: "" }
+
+  // Projects p01…pN, each with a few small files, both destinations on host 1 (or a on host 1 and
+  // b on host 2 with --hosts 2), all in the registry.
+  const names = Array.from({ length: projectCount }, (_, i) => `p${String(i + 1).padStart(2, "0")}`)
+  const dests = ["a", "b"]
+  const hostOf = (dest) => hosts[dest === "a" || hosts.length === 1 ? 0 : 1]
+  const sourceOf = (name) => path.join(base, "projects", name)
+  const remoteOf = (name, dest) => path.join(hostOf(dest).home, "scale", `${name}-${dest}`)
+  for (const name of names) {
+    const src = sourceOf(name)
+    fs.mkdirSync(path.join(src, "src"), { recursive: true })
+    fs.writeFileSync(
+      path.join(src, ".sicksync-config.json"),
+      JSON.stringify({
+        project: name,
+        destinations: dests.map((dest) => ({
+          name: dest,
+          hostname: "127.0.0.1",
+          port: hostOf(dest).port,
+          username: hostOf(dest).account.name,
+          destinationLocation: `~/scale/${name}-${dest}`,
+          websocketPort: 0
+        }))
+      })
+    )
+    for (let f = 0; f < filesEach; f++) fs.writeFileSync(path.join(src, "src", `file${f}.ts`), `// ${name} ${f}\n`.repeat(1 + (f % 40)))
+    fs.writeFileSync(path.join(src, "edited.txt"), "initial")
+  }
+  fs.writeFileSync(
+    path.join(home, ".sicksync-config.json"),
+    JSON.stringify({ projects: names.map((name) => ({ path: sourceOf(name), alias: name, active: true })) })
+  )
+
+  /** Starts `sicksync --all`; resolves with the client and the ms until every destination said "in sync". */
+  const startAll = async () => {
+    const t0 = performance.now()
+    const client = spawn(process.execPath, [bundle, "--all"], { cwd: base, env: sshEnv, stdio: ["ignore", "pipe", "pipe"] })
+    children.push(client)
+    let out = ""
+    const inSync = new Set()
+    let done
+    const all = new Promise((resolve) => (done = resolve))
+    const onLine = (line) => {
+      if (rest.includes("--trace")) console.error(`${(performance.now() - t0).toFixed(0).padStart(6)} ${line}`)
+      const m = /^\[(p\d+)\] \[(\w+)\] in sync/.exec(line)
+      if (m !== null) inSync.add(`${m[1]}/${m[2]}`)
+      if (inSync.size === names.length * dests.length) done(performance.now() - t0)
+    }
+    let pending = ""
+    const onData = (d) => {
+      out += d
+      pending += d
+      const lines = pending.split("\n")
+      pending = lines.pop()
+      lines.forEach(onLine)
+    }
+    client.stdout.on("data", onData)
+    client.stderr.on("data", onData)
+    let timer
+    const timeout = new Promise((_, reject) => {
+      timer = setTimeout(
+        () => reject(new Error(`not every destination got in sync within 180 s (${inSync.size} of ${names.length * dests.length}):\n${out.slice(-3000)}`)),
+        180_000
+      )
+    })
+    const ms = await Promise.race([all, timeout]).finally(() => clearTimeout(timer))
+    return { client, ms, output: () => out }
+  }
+  const stop = (client) =>
+    new Promise((resolve) => {
+      client.once("exit", (code) => resolve(code))
+      client.kill("SIGTERM")
+    })
+
+  const cold = await startAll()
+  const coldSynced = names.every((name) => dests.every((d) => fs.existsSync(path.join(remoteOf(name, d), "src", `file${filesEach - 1}.ts`))))
+  if (!coldSynced) throw new Error("in sync was reported, but a destination is missing files")
+  if ((await stop(cold.client)) !== 0) throw new Error(`sicksync --all did not exit 0 on SIGTERM:\n${cold.output().slice(-3000)}`)
+
+  const loginsOf = () => hosts.map((h) => h.log().split("\n").filter((l) => l.includes("Accepted publickey")).length)
+  const coldLogins = loginsOf()
+
+  // Warm: the daemons are running and every destination is already up to date.
+  const { client, ms: warmMs, output } = await startAll()
+  await sleep(1000) // let start-up garbage settle before the idle reading
+  const clientIdle = memoryOf(client.pid)
+  const daemonPid = (h) => JSON.parse(fs.readFileSync(path.join(h.home, ".sicksync", "daemon.json"), "utf8")).pid
+  const daemonIdle = memoryOf(daemonPid(hosts[0]))
+
+  // Edits spread round-robin over the projects, each timed to its arrival on both destinations.
+  const perDest = []
+  const onAll = []
+  for (let i = 0; i < edits; i++) {
+    const name = names[i % names.length]
+    const content = `scale edit ${i} ${Math.random()}\n`.repeat(1 + (i % 20))
+    const arrivals = dests.map((d) => arrival(remoteOf(name, d), "edited.txt", content))
+    const t0 = performance.now()
+    fs.writeFileSync(path.join(sourceOf(name), "edited.txt"), content)
+    const times = (await Promise.all(arrivals)).map((t) => t - t0)
+    perDest.push(...times)
+    onAll.push(Math.max(...times))
+    await sleep(flag("gap", 15))
+  }
+  const clientAfter = memoryOf(client.pid)
+  const daemonAfter = memoryOf(daemonPid(hosts[0]))
+  const daemonsPerHost = hosts.map(
+    (h) =>
+      fs.readdirSync("/proc").filter((entry) => {
+        try {
+          const argv = fs.readFileSync(`/proc/${entry}/cmdline`, "utf8").split("\0")
+          return argv.includes("daemon") && argv.some((a) => a.startsWith(h.home + path.sep))
+        } catch {
+          return false
+        }
+      }).length
+  )
+  const warmLogins = loginsOf().map((n, i) => n - coldLogins[i])
+  if ((await stop(client)) !== 0) throw new Error(`sicksync --all did not exit 0 on SIGTERM:\n${output().slice(-3000)}`)
+  for (const h of hosts) await h.stop()
+
+  perDest.sort((a, b) => a - b)
+  onAll.sort((a, b) => a - b)
+  const mb = (m) => `${m.rss.toFixed(0)} MB (peak ${m.hwm.toFixed(0)} MB)`
+  const rows = [
+    ["start-up to all in sync, cold", `${cold.ms.toFixed(0)} ms (agent upload, daemon start, ${projectCount * filesEach} files sent)`],
+    ["start-up to all in sync, warm", `${warmMs.toFixed(0)} ms (daemon running, nothing to send)`],
+    ["client RSS, idle", mb(clientIdle)],
+    [`client RSS, after ${edits} edits`, mb(clientAfter)],
+    ["remote daemon RSS, idle", mb(daemonIdle)],
+    [`remote daemon RSS, after ${edits} edits`, mb(daemonAfter)],
+    ["SSH logins per host, warm run", warmLogins.join(", ")],
+    ["remote daemons per host", daemonsPerHost.join(", ")]
+  ]
+  console.log(
+    `scale: ${projectCount} projects × ${dests.length} destinations in one \`sicksync --all\` process, ` +
+      `${hostCount === 1 ? "one sshd" : `${hostCount} sshd instances`} on 127.0.0.1`
+  )
+  for (const [label, value] of rows) console.log(`${label.padEnd(40)}${value}`)
+  console.log(`save-to-remote latency over ${edits} edits spread over the projects (ms)`)
+  console.log(`${"".padEnd(40)}    p50     p95     p99`)
+  for (const [label, xs] of [
+    ["each destination", perDest],
+    ["both destinations", onAll]
+  ]) {
+    console.log(`${label.padEnd(40)}${fmt(percentile(xs, 50))} ${fmt(percentile(xs, 95))} ${fmt(percentile(xs, 99))}`)
+  }
+}
+
 // ---- reconcile ----------------------------------------------------------------------------------
 
 const reconcile = async () => {
@@ -307,8 +493,9 @@ const reconcile = async () => {
 try {
   if (mode === "latency") await (rest.includes("--ssh") ? latencySsh() : latency())
   else if (mode === "reconcile") await reconcile()
+  else if (mode === "scale") await scale()
   else {
-    console.error(`error: unknown benchmark "${mode}": expected latency or reconcile`)
+    console.error(`error: unknown benchmark "${mode}": expected latency, reconcile or scale`)
     process.exitCode = 2
   }
 } finally {
