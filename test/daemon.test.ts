@@ -11,10 +11,22 @@ import * as os from "node:os"
 import * as path from "node:path"
 import { fileURLToPath } from "node:url"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
-import { type DaemonOptions, runDaemon } from "../src/programs/daemon.js"
+import {
+  type DaemonOptions,
+  decodeClientMessageFast,
+  encodeAck,
+  encodeCredit,
+  encodeManifestPage,
+  runDaemon
+} from "../src/programs/daemon.js"
 import {
   Abort,
+  Ack,
+  Credit,
   type DaemonMessage,
+  decodeClientMessage,
+  encodeDaemonMessage,
+  Manifest,
   MAX_FRAME_BYTES,
   Mkdir,
   PROTOCOL_VERSION,
@@ -361,6 +373,230 @@ describe("operations", () => {
     expect(fs.readFileSync(path.join(root, "q/f"), "utf8")).toBe("abc")
     expect(fs.existsSync(path.join(root, "p"))).toBe(false)
     await client.close()
+  })
+})
+
+describe("pipelined operations, applied concurrently", () => {
+  /** Temp files anywhere under `dir`. */
+  const tempsUnder = (dir: string): Array<string> =>
+    (fs.readdirSync(dir, { recursive: true }) as Array<string>).filter((n) => path.basename(n).includes(".sicksync-"))
+  /** `count` unrelated small writes, pipelined. */
+  const filler = async (client: DaemonClient, from: number, count: number, dir = "filler") => {
+    await Promise.all(Array.from({ length: count }, (_, i) => client.pipelineWrite(from + i, `${dir}/f${i}.txt`, Buffer.from(`filler ${i}`))))
+  }
+  const expectAcks = (replies: Array<{ _tag: string; seq: number }>, seqs: Array<number>) =>
+    expect(replies.map((r) => [r.seq, r._tag])).toEqual(seqs.map((seq) => [seq, "Ack"]))
+
+  it("a write into a directory made by an earlier Mkdir, and a Remove of that directory, keep their order", async () => {
+    const { client, root } = await openSession()
+    const old = Date.UTC(2001, 0, 1)
+    // nothing waits for a reply: Mkdir, writes into it (and into a subdirectory made by a later Mkdir),
+    // unrelated writes in between, then a Remove of a written file's directory and a write after it
+    client.send(new Mkdir({ seq: 1, path: "p", mode: 0o750, mtime: old }))
+    const writes = Array.from({ length: 40 }, (_, i) => client.pipelineWrite(10 + i, `p/f${i}`, Buffer.from(`f${i}`)))
+    client.send(new Mkdir({ seq: 2, path: "p/sub", mode: 0o700 }))
+    writes.push(client.pipelineWrite(3, "p/sub/g", Buffer.from("g")))
+    writes.push(filler(client, 100, 40))
+    writes.push(client.pipelineWrite(4, "t/gone", Buffer.from("x")))
+    client.send(new Remove({ seq: 5, path: "t" }))
+    writes.push(client.pipelineWrite(6, "t/kept", Buffer.from("kept")))
+    await Promise.all(writes)
+    const seqs = [1, 2, 3, 4, 5, 6, ...Array.from({ length: 40 }, (_, i) => 10 + i), ...Array.from({ length: 40 }, (_, i) => 100 + i)]
+    expectAcks(await client.replies(seqs), seqs)
+    for (let i = 0; i < 40; i++) expect(fs.readFileSync(path.join(root, `p/f${i}`), "utf8")).toBe(`f${i}`)
+    expect(fs.statSync(path.join(root, "p")).mode & 0o777).toBe(0o750)
+    // the writes into p came after the Mkdir that set its mtime, so they moved it on
+    expect(fs.statSync(path.join(root, "p")).mtimeMs).toBeGreaterThan(old + 1000)
+    expect(fs.statSync(path.join(root, "p/sub")).mode & 0o777).toBe(0o700)
+    expect(fs.readFileSync(path.join(root, "p/sub/g"), "utf8")).toBe("g")
+    expect(fs.readdirSync(path.join(root, "t"))).toEqual(["kept"])
+    expect(tempsUnder(root)).toEqual([])
+    expect(client.undecodable).toEqual([])
+    await client.close()
+  })
+
+  it("remove then write, write then write, write then remove: the same path keeps the order", async () => {
+    const { client, root } = await openSession()
+    fs.mkdirSync(path.join(root, "x/deep/er"), { recursive: true })
+    fs.writeFileSync(path.join(root, "x/deep/er/f"), "old")
+    client.send(new Remove({ seq: 1, path: "x" }))
+    const writes = [client.pipelineWrite(2, "x", Buffer.from("x is a file now"))]
+    writes.push(client.pipelineWrite(3, "y", Buffer.from("first")))
+    client.send(new Remove({ seq: 4, path: "y" }))
+    writes.push(client.pipelineWrite(5, "y", Buffer.from("second")))
+    writes.push(filler(client, 100, 30))
+    for (let i = 0; i < 10; i++) writes.push(client.pipelineWrite(10 + i, "z", Buffer.from(`z version ${i}`)))
+    writes.push(client.pipelineWrite(20, "w/f", Buffer.from("w")))
+    client.send(new Remove({ seq: 21, path: "w/f" }))
+    // a case-only difference is the same path on a case-insensitive filesystem: ordered all the same
+    writes.push(client.pipelineWrite(22, "Case.txt", Buffer.from("upper")))
+    client.send(new Remove({ seq: 23, path: "case.txt" }))
+    await Promise.all(writes)
+    const seqs = [1, 2, 3, 4, 5, ...Array.from({ length: 11 }, (_, i) => 10 + i), 21, 22, 23, ...Array.from({ length: 30 }, (_, i) => 100 + i)]
+    expectAcks(await client.replies(seqs), seqs)
+    expect(fs.readFileSync(path.join(root, "x"), "utf8")).toBe("x is a file now")
+    expect(fs.readFileSync(path.join(root, "y"), "utf8")).toBe("second")
+    expect(fs.readFileSync(path.join(root, "z"), "utf8")).toBe("z version 9")
+    expect(fs.readdirSync(path.join(root, "w"))).toEqual([])
+    expect(fs.readFileSync(path.join(root, "Case.txt"), "utf8")).toBe("upper")
+    expect(tempsUnder(root)).toEqual([])
+    await client.close()
+  })
+
+  it("rename then write into the new directory and the old one", async () => {
+    const { client, root } = await openSession()
+    client.send(new Mkdir({ seq: 1, path: "a", mode: 0o755 }))
+    const writes = [client.pipelineWrite(2, "a/f1", Buffer.from("one"))]
+    writes.push(filler(client, 100, 30))
+    client.send(new Rename({ seq: 3, from: "a", to: "b" }))
+    writes.push(client.pipelineWrite(4, "b/f2", Buffer.from("two")))
+    writes.push(client.pipelineWrite(5, "a/f3", Buffer.from("three")))
+    client.send(new Rename({ seq: 6, from: "b/f1", to: "c/f1" }))
+    writes.push(client.pipelineWrite(7, "c/f1", Buffer.from("one, rewritten")))
+    await Promise.all(writes)
+    const seqs = [1, 2, 3, 4, 5, 6, 7, ...Array.from({ length: 30 }, (_, i) => 100 + i)]
+    expectAcks(await client.replies(seqs), seqs)
+    expect(fs.readdirSync(path.join(root, "a"))).toEqual(["f3"])
+    expect(fs.readdirSync(path.join(root, "b"))).toEqual(["f2"])
+    expect(fs.readFileSync(path.join(root, "b/f2"), "utf8")).toBe("two")
+    expect(fs.readFileSync(path.join(root, "a/f3"), "utf8")).toBe("three")
+    expect(fs.readFileSync(path.join(root, "c/f1"), "utf8")).toBe("one, rewritten")
+    await client.close()
+  })
+
+  it("an operation waits for an unfinished write to its path or a descendant; unrelated ones pass it, acked first", async () => {
+    const { client, root } = await openSession()
+    client.send(new Write({ seq: 1, path: "slow/file", size: 4, mode: 0o644, mtime: Date.now() }))
+    client.sendChunk(1, Buffer.from("sl"))
+    client.send(new Remove({ seq: 2, path: "slow" })) // an ancestor of the unfinished write: waits for it
+    client.send(new Mkdir({ seq: 3, path: "fast", mode: 0o755 }))
+    await client.pipelineWrite(4, "other", Buffer.from("other"))
+    expect(await client.reply(3)).toMatchObject({ _tag: "Ack" })
+    expect(await client.reply(4)).toMatchObject({ _tag: "Ack" })
+    await new Promise((r) => setTimeout(r, 100))
+    expect(client.received.some((m) => m._tag === "Ack" && (m.seq === 1 || m.seq === 2))).toBe(false)
+    expect(fs.existsSync(path.join(root, "slow"))).toBe(true) // made for the write's temp file
+    client.sendChunk(1, Buffer.from("ow"))
+    expect(await client.reply(1)).toMatchObject({ _tag: "Ack" })
+    expect(await client.reply(2)).toMatchObject({ _tag: "Ack" })
+    const order = client.received.filter((m) => m._tag === "Ack").map((m) => m.seq)
+    expect(order.indexOf(3)).toBeLessThan(order.indexOf(1))
+    expect(order.indexOf(1)).toBeLessThan(order.indexOf(2))
+    expect(fs.existsSync(path.join(root, "slow"))).toBe(false)
+    expect(fs.readFileSync(path.join(root, "other"), "utf8")).toBe("other")
+    await client.close()
+  })
+
+  it("ListManifest sees every earlier operation and none of the later ones", async () => {
+    const { client, root } = await openSession()
+    await filler(client, 1, 120, "m")
+    client.send(new Remove({ seq: 500, path: "m/f0.txt" })) // before: not listed
+    const listed = client.listManifest(501)
+    client.send(new Remove({ seq: 502, path: "m/f1.txt" })) // after: still listed
+    const { entries, reply } = await listed
+    expect(reply).toMatchObject({ _tag: "Ack" })
+    const paths = new Set(entries.map((e) => e.path))
+    expect(paths.has("m/f0.txt")).toBe(false)
+    expect(paths.has("m/f1.txt")).toBe(true)
+    expect(entries.filter((e) => e.type === "file").length).toBe(119)
+    expect(await client.reply(502)).toMatchObject({ _tag: "Ack" })
+    expect(fs.existsSync(path.join(root, "m/f1.txt"))).toBe(false)
+    await client.close()
+  })
+
+  it("interleaved multi-chunk writes and many small ones: contents intact, window kept, every byte credited", async () => {
+    const { client, root } = await openSession()
+    const window = 2 * 1024 * 1024
+    const big = [crypto.randomBytes(3 * 1024 * 1024 + 5), crypto.randomBytes(2 * 1024 * 1024 + 77)]
+    big.forEach((content, i) =>
+      client.send(new Write({ seq: 1 + i, path: `big/${i}.bin`, size: content.byteLength, mode: 0o600, mtime: Date.now() }))
+    )
+    // chunks of the two big files alternate, small writes go in between
+    const piece = 256 * 1024
+    const smalls: Array<Promise<void>> = []
+    for (let offset = 0, n = 0; offset < big[0]!.byteLength; offset += piece, n++) {
+      for (let i = 0; i < big.length; i++) {
+        if (offset < big[i]!.byteLength) await client.writeChunks(1 + i, big[i]!.subarray(offset, offset + piece), { window })
+      }
+      smalls.push(client.pipelineWrite(100 + n, `small/${n}`, Buffer.alloc(1000 + n, n), { window }))
+    }
+    await Promise.all(smalls)
+    const seqs = [1, 2, ...smalls.map((_, n) => 100 + n)]
+    expectAcks(await client.replies(seqs, 30_000), seqs)
+    big.forEach((content, i) => expect(sha(fs.readFileSync(path.join(root, `big/${i}.bin`)))).toBe(sha(content)))
+    expect(fs.statSync(path.join(root, "big/0.bin")).mode & 0o777).toBe(0o600)
+    smalls.forEach((_, n) => expect(fs.readFileSync(path.join(root, `small/${n}`))).toEqual(Buffer.alloc(1000 + n, n)))
+    await eventually(() => client.creditBytes === client.sentChunkBytes, 5_000, "every byte credited")
+    expect(client.maxInFlight).toBeLessThanOrEqual(window)
+    expect(client.isOpen).toBe(true)
+    await client.close()
+  })
+
+  it("a session closed with writes in flight leaves no temp file and no partial file", async () => {
+    const other = await bystander()
+    const { client, root } = await openSession()
+    for (let i = 0; i < 20; i++) {
+      client.send(new Write({ seq: 500 + i, path: `partial/f${i}`, size: 10_000, mode: 0o644, mtime: Date.now() }))
+      client.sendChunk(500 + i, Buffer.alloc(4000, 1))
+    }
+    client.send(new Remove({ seq: 600, path: "partial" })) // waits for the partial writes, which never complete
+    const content = (i: number) => Buffer.alloc(5000 + i, i)
+    await Promise.all(Array.from({ length: 150 }, (_, i) => client.pipelineWrite(1 + i, `done/${i % 5}/f${i}`, content(i))))
+    // unrelated to the unfinished writes: applied meanwhile
+    expectAcks(await client.replies(Array.from({ length: 150 }, (_, i) => 1 + i)), Array.from({ length: 150 }, (_, i) => 1 + i))
+    // more in flight, and gone with the connection
+    for (let i = 0; i < 100; i++) void client.pipelineWrite(1000 + i, `late/f${i}`, content(i))
+    await client.terminate()
+    await eventually(() => tempsUnder(root).length === 0, 5_000, "temp files removed")
+    await new Promise((r) => setTimeout(r, 200))
+    expect(tempsUnder(root)).toEqual([])
+    for (let i = 0; i < 150; i++) expect(fs.readFileSync(path.join(root, `done/${i % 5}/f${i}`))).toEqual(content(i))
+    // whatever else is there is whole
+    for (const name of fs.existsSync(path.join(root, "late")) ? fs.readdirSync(path.join(root, "late")) : []) {
+      expect(fs.readFileSync(path.join(root, "late", name))).toEqual(content(Number(name.slice(1))))
+    }
+    const partial = path.join(root, "partial")
+    expect(fs.existsSync(partial) ? fs.readdirSync(partial) : []).toEqual([])
+    await other.check()
+    await other.client.close()
+  })
+
+  it("fast encodings are byte for byte the schema's; the fast Write decoding agrees with the schema", () => {
+    expect(encodeAck(7)).toBe(encodeDaemonMessage(new Ack({ seq: 7 })))
+    expect(encodeCredit(123456)).toBe(encodeDaemonMessage(new Credit({ bytes: 123456 })))
+    const entries = [
+      { path: "a", type: "dir" as const, size: 0, mtime: 1700000000123.456, mode: 0o755 },
+      { path: "a/\"quoted\" ünïcode", type: "file" as const, size: 5, mtime: 1, mode: 0o4644 },
+      { path: "a/l", type: "symlink" as const, size: 3, mtime: 2, mode: 0o777, target: "../x" }
+    ]
+    for (const done of [false, true]) {
+      expect(encodeManifestPage(3, entries, done)).toBe(encodeDaemonMessage(new Manifest({ seq: 3, entries, done })))
+    }
+    const write = { _tag: "Write", seq: 1, path: "p", size: 2, mode: 0o644, mtime: 1.5 }
+    const inputs = [
+      write,
+      { ...write, extra: true },
+      { ...write, seq: 0xffffffff },
+      { ...write, seq: 0x100000000 },
+      { ...write, seq: -1 },
+      { ...write, seq: 1.5 },
+      { ...write, size: -1 },
+      { ...write, size: 2.5 },
+      { ...write, mode: 0o10000 },
+      { ...write, mode: "644" },
+      { ...write, mtime: "now" },
+      { ...write, path: 5 },
+      { ...write, path: undefined },
+      new Mkdir({ seq: 2, path: "d", mode: 0o755 })
+    ]
+    for (const input of inputs) {
+      const text = JSON.stringify(input)
+      const fast = decodeClientMessageFast(text)
+      const schema = decodeClientMessage(text)
+      expect(fast._tag, text).toBe(schema._tag)
+      if (fast._tag === "Right" && schema._tag === "Right") expect({ ...fast.right }, text).toEqual({ ...schema.right })
+    }
+    expect(decodeClientMessageFast("{not json")._tag).toBe("Left")
   })
 })
 

@@ -191,3 +191,140 @@ describe("writes", () => {
       expect(fs.readFileSync(path.join(root, "f"), "utf8")).toBe("old")
     }))
 })
+
+describe("one-go writes, modes and the verified-directory cache", () => {
+  const stat = (p: string) => fs.lstatSync(p)
+
+  it.scoped("writeFile gives the exact mode (also bits the umask clears, and special bits) and mtime, leaving no temp file", () =>
+    Effect.gen(function*() {
+      const { api, root } = yield* setup
+      const mtime = Date.UTC(2019, 4, 5, 6, 7, 8, 901)
+      for (const [name, mode] of [["a", 0o644], ["b", 0o777], ["c", 0o600], ["d", 0o4755], ["e", 0o2770], ["f", 0o000]] as const) {
+        yield* api.writeFile(root, `m/${name}`, [Buffer.from("ab"), Buffer.alloc(0), Buffer.from("cd")], mode, mtime)
+        const st = stat(path.join(root, "m", name))
+        expect(st.mode & 0o7777, name).toBe(mode)
+        expect(Math.abs(st.mtimeMs - mtime), name).toBeLessThan(1)
+        expect(fs.readFileSync(path.join(root, "m", name), "utf8")).toBe("abcd")
+      }
+      expect(fs.readdirSync(path.join(root, "m")).sort()).toEqual(["a", "b", "c", "d", "e", "f"])
+    }))
+
+  it.scoped("writeFile replaces a directory tree or a symlink at the target, never writing through the link", () =>
+    Effect.gen(function*() {
+      const { api, outside, root } = yield* setup
+      fs.mkdirSync(path.join(root, "tree/sub"), { recursive: true })
+      fs.writeFileSync(path.join(root, "tree/sub/x"), "x")
+      fs.writeFileSync(path.join(outside, "target"), "outside")
+      fs.symlinkSync(path.join(outside, "target"), path.join(root, "link"))
+      yield* api.writeFile(root, "tree", [Buffer.from("file")], 0o644, Date.now())
+      yield* api.writeFile(root, "link", [Buffer.from("file")], 0o644, Date.now())
+      expect(stat(path.join(root, "tree")).isFile()).toBe(true)
+      expect(stat(path.join(root, "link")).isFile()).toBe(true)
+      expect(fs.readFileSync(path.join(outside, "target"), "utf8")).toBe("outside")
+      expect(fs.readdirSync(root).sort()).toEqual(["link", "tree"])
+    }))
+
+  it.scoped("mkdir gives the exact mode and mtime to new and existing directories", () =>
+    Effect.gen(function*() {
+      const { api, root } = yield* setup
+      const mtime = Date.UTC(2018, 1, 2, 3, 4, 5, 6)
+      for (const [name, mode] of [["a", 0o755], ["b", 0o777], ["c", 0o2750], ["d", 0o700]] as const) {
+        yield* api.mkdir(root, `n/${name}`, mode, mtime)
+        expect(stat(path.join(root, "n", name)).mode & 0o7777, name).toBe(mode)
+        expect(Math.abs(stat(path.join(root, "n", name)).mtimeMs - mtime), name).toBeLessThan(1)
+        // again, with another mode: changed in place
+        yield* api.mkdir(root, `n/${name}`, 0o711, mtime + 1000)
+        expect(stat(path.join(root, "n", name)).mode & 0o7777, name).toBe(0o711)
+        expect(Math.abs(stat(path.join(root, "n", name)).mtimeMs - (mtime + 1000)), name).toBeLessThan(1)
+      }
+      // a file in the way becomes a directory
+      fs.writeFileSync(path.join(root, "n/file"), "x")
+      yield* api.mkdir(root, "n/file", 0o750)
+      expect(stat(path.join(root, "n/file")).isDirectory()).toBe(true)
+      expect(stat(path.join(root, "n/file")).mode & 0o7777).toBe(0o750)
+    }))
+
+  it.scoped("a verified directory replaced through the API is checked again: no write through the new symlink", () =>
+    Effect.gen(function*() {
+      const { api, outside, root } = yield* setup
+      yield* api.writeFile(root, "d/f", [Buffer.from("1")], 0o644, Date.now())
+      yield* api.writeFile(root, "e/f", [Buffer.from("1")], 0o644, Date.now())
+      yield* api.writeFile(root, "g/f", [Buffer.from("1")], 0o644, Date.now())
+      // d is replaced by a symlink leaving the root, by this API
+      yield* api.symlink(root, "d", outside)
+      // e is removed by this API, then a symlink is put there by someone else
+      yield* api.remove(root, "e")
+      fs.symlinkSync(outside, path.join(root, "e"))
+      // g is renamed away by this API, and a symlink put in its place
+      yield* api.rename(root, "g", "g2")
+      fs.symlinkSync(outside, path.join(root, "g"))
+      for (const p of ["d/x", "e/x", "g/x", "d/new/x"]) {
+        expect(yield* failureTag(api.writeFile(root, p, [Buffer.from("pwned")], 0o644, Date.now())), p).toBe("ConfinementError")
+        expect(yield* failureTag(writeFile(api, root, p, "pwned")), p).toBe("ConfinementError")
+        expect(yield* failureTag(api.mkdir(root, p, 0o755)), p).toBe("ConfinementError")
+      }
+      expect(fs.readdirSync(outside)).toEqual([])
+      expect(fs.readFileSync(path.join(root, "g2/f"), "utf8")).toBe("1")
+    }))
+
+  it.live("a verified directory swapped for a symlink by another process is checked again after a second", () =>
+    Effect.scoped(Effect.gen(function*() {
+      const { api, outside, root } = yield* setup
+      yield* api.writeFile(root, "x/f", [Buffer.from("1")], 0o644, Date.now())
+      fs.rmSync(path.join(root, "x"), { recursive: true })
+      fs.symlinkSync(outside, path.join(root, "x"))
+      yield* Effect.sleep("1100 millis")
+      expect(yield* failureTag(api.writeFile(root, "x/g", [Buffer.from("pwned")], 0o644, Date.now()))).toBe("ConfinementError")
+      expect(fs.readdirSync(outside)).toEqual([])
+    })))
+})
+
+describe("manifest", () => {
+  /** What the manifest should hold, walked synchronously. */
+  const expected = (root: string) => {
+    const out = new Map<string, string>()
+    const walk = (rel: string) => {
+      for (const name of fs.readdirSync(rel === "" ? root : path.join(root, rel))) {
+        if (name.includes(".sicksync-")) continue
+        const p = rel === "" ? name : `${rel}/${name}`
+        const st = fs.lstatSync(path.join(root, p))
+        const type = st.isDirectory() ? "dir" : st.isFile() ? "file" : "symlink"
+        out.set(p, `${type} ${type === "dir" ? 0 : st.size} ${st.mtimeMs} ${st.mode & 0o7777}`)
+        if (st.isDirectory()) walk(p)
+      }
+    }
+    walk("")
+    return out
+  }
+
+  it.scoped("pages list every entry once, in pages of at most the size asked for, none empty", () =>
+    Effect.gen(function*() {
+      const { api, root } = yield* setup
+      // wide and deep: more directories than are read at once, one of them bigger than a read batch
+      for (let i = 0; i < 40; i++) {
+        const dir = path.join(root, `w${i}`, ...Array.from({ length: i % 7 }, (_, k) => `deep${k}`))
+        fs.mkdirSync(dir, { recursive: true })
+        for (let k = 0; k < (i === 3 ? 700 : 5); k++) fs.writeFileSync(path.join(dir, `f${k}`), "x".repeat(k))
+      }
+      fs.symlinkSync("../w1", path.join(root, "w0/link"))
+      fs.writeFileSync(path.join(root, "w2/.f1.sicksync-0123456789abcdef.tmp"), "partial")
+      for (const pageSize of [1, 7, 1000]) {
+        const pages = Chunk.toReadonlyArray(yield* Stream.runCollect(api.manifestPages(root, pageSize)))
+        for (const page of pages) {
+          expect(page.length).toBeGreaterThan(0)
+          expect(page.length).toBeLessThanOrEqual(pageSize)
+        }
+        const entries = pages.flat()
+        const got = new Map(entries.map((e) => [e.path, `${e.type} ${e.size} ${e.mtime} ${e.mode}`]))
+        expect(got.size).toBe(entries.length)
+        expect(got).toEqual(expected(root))
+        expect(entries.find((e) => e.path === "w0/link")).toMatchObject({ type: "symlink", target: "../w1" })
+      }
+      // stopping early is fine
+      const first = yield* Stream.runCollect(Stream.take(api.manifestPages(root, 10), 1))
+      expect(Chunk.size(first)).toBe(1)
+      // an empty root has no pages
+      const empty = yield* api.resolveRoot("~/empty")
+      expect(Chunk.size(yield* Stream.runCollect(api.manifestPages(empty, 10)))).toBe(0)
+    }))
+})

@@ -10,6 +10,13 @@
  * - the root itself is never removed, renamed or written over.
  *
  * `root` arguments must be values returned by `resolveRoot` (real paths).
+ *
+ * Speed (issue #4): each operation is one chain of plain fs calls wrapped in a single effect, and
+ * parent directories already verified as real directories (no symlink on the way) are remembered for
+ * `DIR_TTL_MS`. Any operation that removes or replaces a directory, or renames one, forgets them all,
+ * and a walk that began before that never stores its result. Paths through a symlinked component are
+ * walked and checked with `realpath` every time. The cache is shared by every session of the daemon,
+ * keyed by real path, so one session removing a directory invalidates it for the others too.
  */
 import { Context, Data, Effect, Either, Layer, Option, Scope, Stream } from "effect"
 import * as crypto from "node:crypto"
@@ -79,10 +86,6 @@ const TEMP_RE = /^\..*\.sicksync-[0-9a-f]{16}\.tmp$/
 /** Our own in-progress temp files (`.name.sicksync-<hex>.tmp`); skipped by the manifest. */
 export const isTempName = (name: string): boolean => TEMP_RE.test(name)
 
-const tempName = (name: string): string =>
-  // keep within NAME_MAX (255 bytes) for long names
-  `.${Buffer.from(name).subarray(0, 200).toString("utf8").replace(/\uFFFD+$/, "")}.sicksync-${crypto.randomBytes(8).toString("hex")}.tmp`
-
 const confinementMessage: Record<ConfinementReason, string> = {
   empty: "empty path",
   absolute: "absolute paths are not allowed",
@@ -100,7 +103,12 @@ export interface WriteHandle {
   readonly tempPath: string
   /** Appends bytes to the temp file (all of them, or fails). */
   readonly write: (bytes: Uint8Array) => Effect.Effect<void, DestinationIoError>
-  /** fchmod, set mtime (atime = mtime), close, then rename over the target (replacing a directory tree). */
+  /** Appends several buffers, in order, with as few syscalls as possible. */
+  readonly writeChunks: (chunks: ReadonlyArray<Uint8Array>) => Effect.Effect<void, DestinationIoError>
+  /**
+   * fchmod (unless the temp file was created with that mode already), set mtime (atime = mtime), close,
+   * check the parent again, then rename over the target (replacing a directory tree).
+   */
   readonly commit: (mode: number, mtimeMs: number) => Effect.Effect<void, DestinationError>
 }
 
@@ -113,13 +121,34 @@ export interface DestinationFsApi {
     rel: string,
     options?: { readonly createParents?: boolean }
   ) => Effect.Effect<Option.Option<{ readonly parent: string; readonly name: string; readonly target: string }>, DestinationError>
-  readonly openWrite: (root: string, rel: string) => Effect.Effect<WriteHandle, DestinationError, Scope.Scope>
+  /**
+   * Creates the temp file for a streamed write next to its target. `mode`, when known, is the mode the
+   * file will be committed with: the temp file is then created with it, which can spare `commit` an fchmod.
+   */
+  readonly openWrite: (root: string, rel: string, mode?: number) => Effect.Effect<WriteHandle, DestinationError, Scope.Scope>
+  /**
+   * A whole write whose bytes are all at hand, in one go: temp file (O_EXCL, in the target's directory),
+   * bytes, mode, mtime, close, rename. Nothing is left behind on failure (or interruption).
+   */
+  readonly writeFile: (
+    root: string,
+    rel: string,
+    chunks: ReadonlyArray<Uint8Array>,
+    mode: number,
+    mtimeMs: number
+  ) => Effect.Effect<void, DestinationError>
   readonly mkdir: (root: string, rel: string, mode: number, mtimeMs?: number) => Effect.Effect<void, DestinationError>
   readonly remove: (root: string, rel: string) => Effect.Effect<void, DestinationError>
   readonly rename: (root: string, from: string, to: string) => Effect.Effect<void, DestinationError>
   readonly symlink: (root: string, rel: string, linkTarget: string, mtimeMs?: number) => Effect.Effect<void, DestinationError>
   /** Walks the root with lstat (symlinks not followed), skipping our temp files. */
   readonly manifest: (root: string) => Stream.Stream<ManifestEntry, DestinationIoError>
+  /**
+   * The same walk in pages of at most `pageSize` entries (the last one may be shorter; none are empty).
+   * Directories are read and entries lstat'ed concurrently, a bounded number at a time; the walk stays at
+   * most a couple of pages ahead of its consumer.
+   */
+  readonly manifestPages: (root: string, pageSize: number) => Stream.Stream<ReadonlyArray<ManifestEntry>, DestinationIoError>
 }
 
 export class DestinationFs extends Context.Tag("sicksync/DestinationFs")<DestinationFs, DestinationFsApi>() {}
@@ -138,87 +167,260 @@ const ioError = (op: string, p: string, cause: unknown) =>
     cause
   })
 
-const tryFs = <A>(op: string, p: string, f: () => Promise<A>): Effect.Effect<A, DestinationIoError> =>
-  Effect.tryPromise({ try: f, catch: (cause) => ioError(op, p, cause) })
+const errnoError = (code: string, message: string) => Object.assign(new Error(message), { code })
+
+/** Our own typed failures pass through; anything else thrown by `op` on `p` becomes a `DestinationIoError`. */
+const asDestinationError = (op: string, p: string) => (cause: unknown): DestinationError =>
+  cause instanceof ConfinementError || cause instanceof DestinationIoError ? cause : ioError(op, p, cause)
+
+/** Runs one async chain of fs calls as a single effect. */
+const run = <A>(op: string, p: string, f: () => Promise<A>): Effect.Effect<A, DestinationError> =>
+  Effect.tryPromise({ try: f, catch: asDestinationError(op, p) })
+
+/** `await step("open", p, promise)`: names the call and path in the error, like `tryFs` did. */
+const step = <A>(op: string, p: string, promise: Promise<A>): Promise<A> => promise.catch((cause) => Promise.reject(ioError(op, p, cause)))
+
+// Callback-based fs calls: lighter than fs/promises' FileHandle for the many short calls of small files.
+const cb = <A>(f: (done: (err: NodeJS.ErrnoException | null, value?: A) => void) => void): Promise<A> =>
+  new Promise((resolve, reject) => f((err, value) => (err ? reject(err) : resolve(value as A))))
+const openFd = (p: string, flags: number, mode: number) => cb<number>((done) => fs.open(p, flags, mode, done))
+const closeFd = (fd: number) => cb<void>((done) => fs.close(fd, done))
+const fchmod = (fd: number, mode: number) => cb<void>((done) => fs.fchmod(fd, mode, done))
+const futimes = (fd: number, seconds: number) => cb<void>((done) => fs.futimes(fd, seconds, seconds, done))
+const renameP = (from: string, to: string) => cb<void>((done) => fs.rename(from, to, done))
+const unlinkP = (p: string) => cb<void>((done) => fs.unlink(p, done))
+const mkdirP = (p: string, mode: number) => cb<void>((done) => fs.mkdir(p, { mode }, (err) => done(err)))
+const lstatP = (p: string) => cb<fs.Stats>((done) => fs.lstat(p, done))
 
 /** lstat, `undefined` when missing. */
-const lstatOrUndefined = (p: string): Effect.Effect<fs.Stats | undefined, DestinationIoError> =>
-  Effect.tryPromise({
-    try: () => fsp.lstat(p).catch((e) => (errnoCode(e) === "ENOENT" ? undefined : Promise.reject(e))),
-    catch: (cause) => ioError("lstat", p, cause)
-  })
+const lstatOrUndefined = (p: string): Promise<fs.Stats | undefined> =>
+  lstatP(p).catch((e) => (errnoCode(e) === "ENOENT" ? undefined : Promise.reject(e)))
 
 const ignoreMissing = <A>(p: Promise<A>): Promise<A | undefined> =>
   p.catch((e) => (errnoCode(e) === "ENOENT" ? undefined : Promise.reject(e)))
 
-const removeTree = (p: string) => tryFs("rm", p, () => fsp.rm(p, { recursive: true, force: true }))
+const noop = () => undefined
 
-/** Removes whatever is at `p` (file, symlink or tree); missing is fine. Never follows `p` itself. */
-const removeAny = (p: string) =>
-  Effect.flatMap(lstatOrUndefined(p), (st) =>
-    st === undefined ? Effect.void : st.isDirectory() ? removeTree(p) : tryFs("unlink", p, () => ignoreMissing(fsp.unlink(p))))
+/** Writes every byte of `chunks` at the file's current offset (writev; partial writes are resumed). */
+const writeAll = async (fd: number, chunks: ReadonlyArray<Uint8Array>): Promise<void> => {
+  let list = chunks.filter((c) => c.byteLength > 0)
+  while (list.length > 0) {
+    const total = list.reduce((n, c) => n + c.byteLength, 0)
+    const written = list.length === 1
+      ? await cb<number>((done) => fs.write(fd, list[0]!, 0, list[0]!.byteLength, null, done))
+      : await cb<number>((done) => fs.writev(fd, list as Array<NodeJS.ArrayBufferView>, done))
+    if (written >= total) return
+    let skip = written
+    const rest: Array<Uint8Array> = []
+    for (const c of list) {
+      if (skip >= c.byteLength) skip -= c.byteLength
+      else {
+        rest.push(skip > 0 ? c.subarray(skip) : c)
+        skip = 0
+      }
+    }
+    list = rest
+  }
+}
 
 const toSeconds = (ms: number) => ms / 1000
+
+const O_TEMP = fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXCL | fs.constants.O_NOFOLLOW
+
+/** How long a verified parent directory is trusted without another lstat (bounds races with other processes). */
+const DIR_TTL_MS = 1_000
+const MAX_CACHED_DIRS = 50_000
+
+/** Directories read and entries lstat'ed at once by the manifest walk. */
+const WALK_CONCURRENCY = 8
+const WALK_BATCH = 128
 
 export const make = (options: { readonly home: string }): DestinationFsApi => {
   const home = path.resolve(options.home)
   const stateDir = path.join(home, ".sicksync")
+  /** Temp-file name suffixes: random bytes drawn in batches, one `randomBytes` call per 512 names. */
+  let randomPool = Buffer.alloc(0)
+  let randomOffset = 0
+  const randomHex8 = (): string => {
+    if (randomOffset + 8 > randomPool.byteLength) {
+      randomPool = crypto.randomBytes(8 * 512)
+      randomOffset = 0
+    }
+    randomOffset += 8
+    return randomPool.toString("hex", randomOffset - 8, randomOffset)
+  }
+  const tempName = (name: string): string =>
+    // keep within NAME_MAX (255 bytes) for long names (a UTF-16 unit is at most 3 bytes of UTF-8)
+    `.${name.length * 3 <= 200 ? name : Buffer.from(name).subarray(0, 200).toString("utf8").replace(/\uFFFD+$/, "")}.sicksync-${randomHex8()}.tmp`
+
+  // Read once: the daemon never changes it. open(2)/mkdir(2) apply it to the mode they are given.
+  const umask = process.umask()
+  /**
+   * Roots where a file created with some permission bits gets exactly those (less the umask), as probed by
+   * `resolveRoot`. Elsewhere (a default ACL on the root, a filesystem without Unix modes) every write and
+   * mkdir sets its mode explicitly. A subdirectory with a default ACL of its own is not probed.
+   */
+  const exactRoots = new Set<string>()
+  /** Whether a file created with `mode & 0o777` under `root` might not end up with exactly `mode`. */
+  const needsChmod = (root: string, mode: number) => (mode & ~0o777) !== 0 || (mode & umask) !== 0 || !exactRoots.has(root)
+
+  /** Creates a file with `0o666 & ~umask` in `root` and checks the mode it got. */
+  const probeModes = async (root: string) => {
+    const probe = root + "/" + tempName("mode-probe")
+    const wanted = 0o666 & ~umask
+    let fd: number | undefined
+    try {
+      fd = await openFd(probe, O_TEMP, wanted)
+      const st = await cb<fs.Stats>((done) => fs.fstat(fd!, done))
+      if ((st.mode & 0o7777) === wanted) exactRoots.add(root)
+      else exactRoots.delete(root)
+    } catch {
+      exactRoots.delete(root)
+    } finally {
+      if (fd !== undefined) await closeFd(fd).catch(noop)
+      await unlinkP(probe).catch(noop)
+    }
+  }
+
+  // ---- verified parent directories --------------------------------------------------------------
+
+  /** Real paths known (as of `at`) to be directories reached from their root without a symlink. */
+  const verified = new Map<string, number>()
+  let generation = 0
+  const isVerified = (p: string) => {
+    const at = verified.get(p)
+    if (at === undefined) return false
+    if (Date.now() - at < DIR_TTL_MS) return true
+    verified.delete(p)
+    return false
+  }
+  /** Stores a result obtained by a walk that began at `gen`, unless something was invalidated since. */
+  const remember = (p: string, gen: number) => {
+    if (gen !== generation) return
+    if (verified.size >= MAX_CACHED_DIRS) verified.clear()
+    verified.set(p, Date.now())
+  }
+  /** A directory was removed, replaced or moved: forget every verified directory. */
+  const invalidate = () => {
+    generation++
+    verified.clear()
+  }
 
   const confinementError = (root: string, rel: string, reason: ConfinementReason) =>
     new ConfinementError({ root, path: rel, reason, message: `${JSON.stringify(rel)}: ${confinementMessage[reason]}` })
 
-  const segmentsOf = (root: string, rel: string, allowRoot: boolean) =>
-    Either.match(normalizeRelPath(rel), {
-      onLeft: (reason) => Effect.fail(confinementError(root, rel, reason)),
-      onRight: (segments) =>
-        segments.length === 0 && !allowRoot ? Effect.fail(confinementError(root, rel, "root")) : Effect.succeed(segments)
-    })
+  /** The path's segments, or throws a `ConfinementError`. */
+  const segmentsOrThrow = (root: string, rel: string, allowRoot: boolean): ReadonlyArray<string> => {
+    const normalized = normalizeRelPath(rel)
+    if (Either.isLeft(normalized)) throw confinementError(root, rel, normalized.left)
+    if (normalized.right.length === 0 && !allowRoot) throw confinementError(root, rel, "root")
+    return normalized.right
+  }
+
+  const notADirectory = (op: string, p: string) => ioError(op, p, errnoError("ENOTDIR", "not a directory"))
 
   /**
    * Walks the parent components of `segments` from `root`. Returns the real path of the parent directory,
-   * or `None` when a component is missing and `create` is false.
+   * or `undefined` when a component is missing and `create` is false. Throws `ConfinementError` for a
+   * symlinked component that resolves outside the root, `DestinationIoError` otherwise.
    */
-  const resolveParent = (root: string, rel: string, segments: ReadonlyArray<string>, create: boolean) =>
-    Effect.gen(function*() {
-      let current = root
-      for (let i = 0; i < segments.length - 1; i++) {
-        const next = current + "/" + segments[i]
-        const st = yield* lstatOrUndefined(next)
-        if (st === undefined) {
-          if (!create) return Option.none<string>()
-          yield* tryFs("mkdir", next, () =>
-            fsp.mkdir(next).catch((e) => (errnoCode(e) === "EEXIST" ? undefined : Promise.reject(e))))
-          const again = yield* lstatOrUndefined(next)
-          if (again === undefined || !again.isDirectory()) {
-            return yield* Effect.fail(ioError("mkdir", next, new Error("parent directory changed while it was created")))
-          }
-          current = next
-        } else if (st.isDirectory()) {
-          current = next
-        } else if (st.isSymbolicLink()) {
-          const real = yield* Effect.tryPromise({
-            try: () => fsp.realpath(next),
-            catch: (cause) => ioError("realpath", next, cause)
-          })
-          if (!isInside(real, root)) return yield* Effect.fail(confinementError(root, rel, "symlink-escape"))
-          const target = yield* tryFs("stat", real, () => fsp.stat(real))
-          if (!target.isDirectory()) {
-            return yield* Effect.fail(ioError("stat", next, Object.assign(new Error("not a directory"), { code: "ENOTDIR" })))
-          }
-          current = real
-        } else {
-          return yield* Effect.fail(ioError("lstat", next, Object.assign(new Error("not a directory"), { code: "ENOTDIR" })))
-        }
+  const resolveParent = async (
+    root: string,
+    rel: string,
+    segments: ReadonlyArray<string>,
+    create: boolean
+  ): Promise<string | undefined> => {
+    const last = segments.length - 1
+    if (last <= 0) return root
+    const gen = generation
+    const whole = last === 1 ? root + "/" + segments[0] : root + "/" + segments.slice(0, last).join("/")
+    if (isVerified(whole)) return whole
+    let current = root
+    /** No symlink on the way so far: `current` is both the lexical and the real path. */
+    let plain = true
+    for (let i = 0; i < last; i++) {
+      const next = current + "/" + segments[i]
+      if (plain && isVerified(next)) {
+        current = next
+        continue
       }
-      return Option.some(current)
-    })
+      let st = await step("lstat", next, lstatOrUndefined(next))
+      if (st === undefined) {
+        if (!create) return undefined
+        const made = await step(
+          "mkdir",
+          next,
+          mkdirP(next, 0o777).then(() => true, (e) => (errnoCode(e) === "EEXIST" ? false : Promise.reject(e)))
+        )
+        if (made) {
+          current = next
+          if (plain) remember(next, gen)
+          continue
+        }
+        // something appeared meanwhile: judge it like any other component
+        st = await step("lstat", next, lstatOrUndefined(next))
+        if (st === undefined) throw ioError("mkdir", next, new Error("parent directory changed while it was created"))
+      }
+      if (st.isDirectory()) {
+        current = next
+        if (plain) remember(next, gen)
+      } else if (st.isSymbolicLink()) {
+        const real = await step("realpath", next, fs.promises.realpath(next))
+        if (!isInside(real, root)) throw confinementError(root, rel, "symlink-escape")
+        const target = await step("stat", real, fs.promises.stat(real))
+        if (!target.isDirectory()) throw notADirectory("stat", next)
+        current = real
+        plain = false
+      } else {
+        throw notADirectory("lstat", next)
+      }
+    }
+    return current
+  }
+
+  /** Removes the directory tree at `p` (never following symlinks in it). */
+  const removeTree = async (p: string) => {
+    await step("rm", p, fsp.rm(p, { recursive: true, force: true }))
+    invalidate()
+  }
+
+  /** Removes whatever is at `p` (file, symlink or tree); missing is fine. Never follows `p` itself. */
+  const removeAny = async (p: string) => {
+    try {
+      await unlinkP(p)
+      return
+    } catch (e) {
+      const code = errnoCode(e)
+      if (code === "ENOENT") return
+      // a directory: EISDIR on Linux, EPERM on macOS and the BSDs
+      if (code !== "EISDIR" && code !== "EPERM") throw ioError("unlink", p, e)
+    }
+    const st = await step("lstat", p, lstatOrUndefined(p))
+    if (st === undefined) return
+    if (!st.isDirectory()) await step("unlink", p, ignoreMissing(unlinkP(p)))
+    else await removeTree(p)
+  }
+
+  /** rename(2) `from` over `target`; a directory tree in the way is removed first (rename would refuse it). */
+  const replaceWith = async (from: string, target: string, op = "rename") => {
+    try {
+      await renameP(from, target)
+      return
+    } catch (e) {
+      const code = errnoCode(e)
+      if (code !== "EISDIR" && code !== "ENOTEMPTY" && code !== "EEXIST") throw ioError(op, target, e)
+    }
+    const st = await step("lstat", target, lstatOrUndefined(target))
+    if (st?.isDirectory()) await removeTree(target)
+    await step(op, target, renameP(from, target))
+  }
 
   const confine: DestinationFsApi["confine"] = (root, rel, opts) =>
-    Effect.gen(function*() {
-      const segments = yield* segmentsOf(root, rel, false)
-      const parent = yield* resolveParent(root, rel, segments, opts?.createParents ?? false)
+    run("confine", rel, async () => {
+      const segments = segmentsOrThrow(root, rel, false)
+      const parent = await resolveParent(root, rel, segments, opts?.createParents ?? false)
       const name = segments[segments.length - 1]!
-      return Option.map(parent, (parent) => ({ parent, name, target: parent + "/" + name }))
+      return parent === undefined ? Option.none() : Option.some({ parent, name, target: parent + "/" + name })
     })
 
   const resolveRoot = Effect.fn("DestinationFs.resolveRoot")(function*(destinationRoot: string) {
@@ -261,165 +463,330 @@ export const make = (options: { readonly home: string }): DestinationFsApi => {
     const realHome = yield* Effect.promise(() => fsp.realpath(home).catch(() => home))
     const realState = yield* Effect.promise(() => fsp.realpath(stateDir).catch(() => stateDir))
     yield* check(real, realHome, realState)
+    yield* Effect.promise(() => probeModes(real))
     return real
   })
 
-  const openWrite = (root: string, rel: string) =>
+  /** Where a write to `rel` goes: its parent (created if needed), target and a fresh temp path beside it. */
+  const writePaths = async (root: string, rel: string) => {
+    const segments = segmentsOrThrow(root, rel, false)
+    const parent = (await resolveParent(root, rel, segments, true))!
+    const name = segments[segments.length - 1]!
+    return { segments, parent, target: parent + "/" + name, tempPath: parent + "/" + tempName(name) }
+  }
+
+  /** Sets mode and mtime on the open temp file; `createdWith` is the mode it was created with. */
+  const finishTemp = async (root: string, fd: number, tempPath: string, createdWith: number, mode: number, mtimeMs: number) => {
+    if (createdWith !== mode || needsChmod(root, mode)) await step("chmod", tempPath, fchmod(fd, mode))
+    await step("utimes", tempPath, futimes(fd, toSeconds(mtimeMs)))
+  }
+
+  // Not an `Effect.fn`: it runs once per file of a big sync, and a span plus a captured stack trace per
+  // call is a measurable share of that. Errors name the operation and path all the same. The file
+  // descriptor never leaves this one promise chain, which closes it (and removes the temp file unless it
+  // was renamed) on every path; an effect built on a promise runs it to the end, so no scope is needed.
+  // The temp file is created with the final permission bits (partial content is no more readable than
+  // the finished file will be), which spares the fchmod unless the umask or special bits require it.
+  const writeFile: DestinationFsApi["writeFile"] = (root, rel, chunks, mode, mtimeMs) =>
+    run("write", rel, async () => {
+      const { target, tempPath } = await writePaths(root, rel)
+      const createdWith = mode & 0o777
+      const fd = await step("open", tempPath, openFd(tempPath, O_TEMP, createdWith))
+      let open = true
+      try {
+        await step("write", tempPath, writeAll(fd, chunks))
+        await finishTemp(root, fd, tempPath, createdWith, mode, mtimeMs)
+        open = false
+        await step("close", tempPath, closeFd(fd))
+        await replaceWith(tempPath, target)
+      } catch (e) {
+        if (open) await closeFd(fd).catch(noop)
+        await unlinkP(tempPath).catch(noop)
+        throw e
+      }
+    })
+
+  const openWrite = (root: string, rel: string, mode?: number) =>
     Effect.gen(function*() {
-      const segments = yield* segmentsOf(root, rel, false)
-      const parent = Option.getOrThrow(yield* resolveParent(root, rel, segments, true))
-      const name = segments[segments.length - 1]!
-      const target = parent + "/" + name
-      const tempPath = parent + "/" + tempName(name)
+      const { parent, segments, target, tempPath } = yield* run("open", rel, () => writePaths(root, rel))
+      const createdWith = mode === undefined ? 0o600 : mode & 0o777
       let committed = false
       let closed = false
-      const fh = yield* Effect.acquireRelease(
-        tryFs("open", tempPath, () =>
-          fsp.open(
-            tempPath,
-            fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXCL | fs.constants.O_NOFOLLOW,
-            0o600
-          )),
-        (fh) =>
+      const fd = yield* Effect.acquireRelease(
+        run("open", tempPath, () => step("open", tempPath, openFd(tempPath, O_TEMP, createdWith))),
+        (fd) =>
           committed ? Effect.void : Effect.promise(async () => {
-            if (!closed) await fh.close().catch(() => undefined)
-            await fsp.unlink(tempPath).catch(() => undefined)
+            if (!closed) await closeFd(fd).catch(noop)
+            await unlinkP(tempPath).catch(noop)
           })
       )
-      const write = (bytes: Uint8Array) =>
-        tryFs("write", tempPath, async () => {
-          let offset = 0
-          while (offset < bytes.byteLength) {
-            const { bytesWritten } = await fh.write(bytes, offset, bytes.byteLength - offset)
-            offset += bytesWritten
-          }
-        })
+      const writeChunks = (chunks: ReadonlyArray<Uint8Array>) =>
+        Effect.tryPromise({ try: () => writeAll(fd, chunks), catch: (cause) => ioError("write", tempPath, cause) })
+      const write = (bytes: Uint8Array) => writeChunks([bytes])
       const commit = (mode: number, mtimeMs: number) =>
-        Effect.gen(function*() {
-          yield* tryFs("chmod", tempPath, () => fh.chmod(mode))
-          yield* tryFs("utimes", tempPath, () => fh.utimes(toSeconds(mtimeMs), toSeconds(mtimeMs)))
+        run("commit", rel, async () => {
+          await finishTemp(root, fd, tempPath, createdWith, mode, mtimeMs)
           closed = true
-          yield* tryFs("close", tempPath, () => fh.close())
-          // the parent may have been replaced by another operation while we streamed: check it again
-          const again = yield* resolveParent(root, rel, segments, false)
-          if (Option.isNone(again) || again.value !== parent) {
-            return yield* Effect.fail(confinementError(root, rel, "symlink-escape"))
-          }
-          const st = yield* lstatOrUndefined(target)
-          if (st?.isDirectory()) yield* removeTree(target)
-          yield* tryFs("rename", target, () => fsp.rename(tempPath, target))
+          await step("close", tempPath, closeFd(fd))
+          // the parent may have been replaced while we streamed: check it again
+          const again = await resolveParent(root, rel, segments, false)
+          if (again !== parent) throw confinementError(root, rel, "symlink-escape")
+          await replaceWith(tempPath, target)
           committed = true
         })
-      return { target, tempPath, write, commit } satisfies WriteHandle
+      return { target, tempPath, write, writeChunks, commit } satisfies WriteHandle
     })
 
   const mkdir = Effect.fn("DestinationFs.mkdir")(function*(root: string, rel: string, mode: number, mtimeMs?: number) {
-    const segments = yield* segmentsOf(root, rel, true)
-    if (segments.length === 0) return // the root exists already
-    const parent = Option.getOrThrow(yield* resolveParent(root, rel, segments, true))
-    const target = parent + "/" + segments[segments.length - 1]!
-    const st = yield* lstatOrUndefined(target)
-    if (st !== undefined && !st.isDirectory()) yield* removeAny(target)
-    if (st === undefined || !st.isDirectory()) yield* tryFs("mkdir", target, () => fsp.mkdir(target, { mode: 0o700 }))
-    // O_NOFOLLOW | O_DIRECTORY: never chmod/utimes through a symlink swapped in meanwhile
-    yield* tryFs("chmod", target, async () => {
-      const fh = await fsp.open(target, fs.constants.O_RDONLY | fs.constants.O_DIRECTORY | fs.constants.O_NOFOLLOW)
-      try {
-        await fh.chmod(mode)
-        if (mtimeMs !== undefined) await fh.utimes(toSeconds(mtimeMs), toSeconds(mtimeMs))
-      } finally {
-        await fh.close()
+    return yield* run("mkdir", rel, async () => {
+      const segments = segmentsOrThrow(root, rel, true)
+      if (segments.length === 0) return // the root exists already
+      const parent = (await resolveParent(root, rel, segments, true))!
+      const target = parent + "/" + segments[segments.length - 1]!
+      const create = () =>
+        mkdirP(target, mode & 0o777).then(() => true, (e) => {
+          if (errnoCode(e) !== "EEXIST") throw ioError("mkdir", target, e)
+          return false
+        })
+      /** Its mode is exactly `mode` already: created just now by mkdir(2) with all of it, or found that way. */
+      const created = await create()
+      let exact = created && !needsChmod(root, mode)
+      if (!created) {
+        const st = await step("lstat", target, lstatOrUndefined(target))
+        if (st?.isDirectory()) {
+          exact = (st.mode & 0o7777) === mode
+        } else {
+          if (st !== undefined) {
+            await removeAny(target)
+            invalidate() // a file or a symlink is a directory now
+          }
+          if (!(await create())) throw ioError("mkdir", target, new Error("something else appeared while the directory was created"))
+          exact = !needsChmod(root, mode)
+        }
       }
+      if (exact) {
+        // lutimes never follows a symlink swapped in meanwhile
+        if (mtimeMs !== undefined) await step("utimes", target, fsp.lutimes(target, toSeconds(mtimeMs), toSeconds(mtimeMs)))
+        return
+      }
+      // O_NOFOLLOW | O_DIRECTORY: never chmod/utimes through a symlink swapped in meanwhile
+      await step("chmod", target, (async () => {
+        const fh = await fsp.open(target, fs.constants.O_RDONLY | fs.constants.O_DIRECTORY | fs.constants.O_NOFOLLOW)
+        try {
+          await fh.chmod(mode)
+          if (mtimeMs !== undefined) await fh.utimes(toSeconds(mtimeMs), toSeconds(mtimeMs))
+        } finally {
+          await fh.close()
+        }
+      })())
     })
   })
 
   const remove = Effect.fn("DestinationFs.remove")(function*(root: string, rel: string) {
-    const segments = yield* segmentsOf(root, rel, false)
-    const parent = yield* resolveParent(root, rel, segments, false)
-    if (Option.isNone(parent)) return
-    yield* removeAny(parent.value + "/" + segments[segments.length - 1]!)
+    return yield* run("remove", rel, async () => {
+      const segments = segmentsOrThrow(root, rel, false)
+      const parent = await resolveParent(root, rel, segments, false)
+      if (parent === undefined) return
+      await removeAny(parent + "/" + segments[segments.length - 1]!)
+    })
   })
 
   const rename = Effect.fn("DestinationFs.rename")(function*(root: string, from: string, to: string) {
-    const fromSegments = yield* segmentsOf(root, from, false)
-    const toSegments = yield* segmentsOf(root, to, false)
-    const fromParent = yield* resolveParent(root, from, fromSegments, false)
-    const source = Option.map(fromParent, (p) => p + "/" + fromSegments[fromSegments.length - 1]!)
-    const sourceStat = Option.isSome(source) ? yield* lstatOrUndefined(source.value) : undefined
-    if (Option.isNone(source) || sourceStat === undefined) {
-      return yield* Effect.fail(ioError("rename", from, Object.assign(new Error("no such file or directory"), { code: "ENOENT" })))
-    }
-    const toParent = Option.getOrThrow(yield* resolveParent(root, to, toSegments, true))
-    const target = toParent + "/" + toSegments[toSegments.length - 1]!
-    if (target === source.value) return
-    if (isInside(source.value, target)) {
-      return yield* Effect.fail(ioError("rename", to, Object.assign(new Error("target contains the source"), { code: "EINVAL" })))
-    }
-    const targetStat = yield* lstatOrUndefined(target)
-    if (targetStat?.isDirectory()) yield* removeTree(target)
-    yield* tryFs("rename", from, () => fsp.rename(source.value, target))
+    return yield* run("rename", from, async () => {
+      const fromSegments = segmentsOrThrow(root, from, false)
+      const toSegments = segmentsOrThrow(root, to, false)
+      const fromParent = await resolveParent(root, from, fromSegments, false)
+      const source = fromParent === undefined ? undefined : fromParent + "/" + fromSegments[fromSegments.length - 1]!
+      const sourceStat = source === undefined ? undefined : await step("lstat", source, lstatOrUndefined(source))
+      if (source === undefined || sourceStat === undefined) {
+        throw ioError("rename", from, errnoError("ENOENT", "no such file or directory"))
+      }
+      const toParent = (await resolveParent(root, to, toSegments, true))!
+      const target = toParent + "/" + toSegments[toSegments.length - 1]!
+      if (target === source) return
+      if (isInside(source, target)) throw ioError("rename", to, errnoError("EINVAL", "target contains the source"))
+      const targetStat = await step("lstat", target, lstatOrUndefined(target))
+      if (targetStat?.isDirectory()) await removeTree(target)
+      await step("rename", from, renameP(source, target))
+      if (sourceStat.isDirectory() || sourceStat.isSymbolicLink()) invalidate()
+    })
   })
 
   const symlink = Effect.fn("DestinationFs.symlink")(function*(root: string, rel: string, linkTarget: string, mtimeMs?: number) {
-    const segments = yield* segmentsOf(root, rel, false)
-    const parent = Option.getOrThrow(yield* resolveParent(root, rel, segments, true))
-    const name = segments[segments.length - 1]!
-    const target = parent + "/" + name
-    const temp = parent + "/" + tempName(name)
-    yield* Effect.gen(function*() {
-      yield* tryFs("symlink", rel, () => fsp.symlink(linkTarget, temp))
-      if (mtimeMs !== undefined) yield* tryFs("lutimes", rel, () => fsp.lutimes(temp, toSeconds(mtimeMs), toSeconds(mtimeMs)))
-      const st = yield* lstatOrUndefined(target)
-      if (st?.isDirectory()) yield* removeTree(target)
-      yield* tryFs("rename", rel, () => fsp.rename(temp, target))
-    }).pipe(Effect.onError(() => Effect.promise(() => fsp.unlink(temp).catch(() => undefined))))
+    return yield* run("symlink", rel, async () => {
+      const segments = segmentsOrThrow(root, rel, false)
+      const parent = (await resolveParent(root, rel, segments, true))!
+      const name = segments[segments.length - 1]!
+      const target = parent + "/" + name
+      const temp = parent + "/" + tempName(name)
+      try {
+        await step("symlink", rel, fsp.symlink(linkTarget, temp))
+        if (mtimeMs !== undefined) await step("lutimes", rel, fsp.lutimes(temp, toSeconds(mtimeMs), toSeconds(mtimeMs)))
+        await replaceWith(temp, target, "rename")
+      } catch (e) {
+        await unlinkP(temp).catch(noop)
+        throw e
+      }
+    })
   })
 
-  const manifest = (root: string): Stream.Stream<ManifestEntry, DestinationIoError> => {
-    async function* walk(): AsyncGenerator<ManifestEntry> {
-      const pending: Array<string> = [""]
-      while (pending.length > 0) {
-        const dirRel = pending.pop()!
-        const dirAbs = dirRel === "" ? root : root + "/" + dirRel
-        let dir: fs.Dir
-        try {
-          dir = await fsp.opendir(dirAbs)
-        } catch (e) {
-          if (errnoCode(e) === "ENOENT" || errnoCode(e) === "ENOTDIR") continue // vanished meanwhile
-          throw e
-        }
-        for await (const dirent of dir) {
-          if (isTempName(dirent.name)) continue
-          const rel = dirRel === "" ? dirent.name : dirRel + "/" + dirent.name
-          const abs = root + "/" + rel
-          const st = await ignoreMissing(fsp.lstat(abs))
-          if (st === undefined) continue
-          const base = { path: rel, size: st.size, mtime: st.mtimeMs, mode: st.mode & 0o7777 }
-          if (st.isDirectory()) {
-            yield { ...base, type: "dir", size: 0 }
-            pending.push(rel)
-          } else if (st.isFile()) {
-            yield { ...base, type: "file" }
-          } else if (st.isSymbolicLink()) {
-            const target = await ignoreMissing(fsp.readlink(abs))
-            if (target !== undefined) yield { ...base, type: "symlink", target }
-          }
-          // sockets, fifos and devices are not mirrored
-        }
+  // ---- manifest ---------------------------------------------------------------------------------
+
+  /**
+   * A pull-based walk: `next()` resolves to the next page, or `undefined` at the end. Up to
+   * `WALK_CONCURRENCY` steps run at once, each reading up to `WALK_BATCH` entries of one directory and
+   * lstat'ing them together; a directory not read to its end is continued by the next free step (before
+   * any new directory is opened, so few are open at once). Steps stop starting while two pages wait.
+   */
+  const walkManifest = (root: string, pageSize: number) => {
+    const pending: Array<string> = [""]
+    const continued: Array<{ readonly rel: string; readonly dir: fs.Dir }> = []
+    const pages: Array<Array<ManifestEntry>> = []
+    let page: Array<ManifestEntry> = []
+    let running = 0
+    let failure: { readonly cause: unknown } | undefined
+    let cancelled = false
+    let waiter: (() => void) | undefined
+    const wake = () => {
+      const w = waiter
+      waiter = undefined
+      w?.()
+    }
+    const emit = (entry: ManifestEntry) => {
+      page.push(entry)
+      if (page.length >= pageSize) {
+        pages.push(page)
+        page = []
       }
     }
-    return Stream.suspend(() => Stream.fromAsyncIterable(walk(), (cause) => ioError("manifest", root, cause)))
+    const closeDir = (dir: fs.Dir) => void dir.close().catch(noop)
+
+    const stepDir = async (rel: string, opened: fs.Dir | undefined) => {
+      let dir = opened
+      if (dir === undefined) {
+        try {
+          dir = await fsp.opendir(rel === "" ? root : root + "/" + rel, { bufferSize: WALK_BATCH })
+        } catch (e) {
+          if (errnoCode(e) === "ENOENT" || errnoCode(e) === "ENOTDIR") return // vanished meanwhile
+          throw e
+        }
+      }
+      const batch: Array<string> = []
+      let ended = false
+      try {
+        while (batch.length < WALK_BATCH) {
+          const dirent = await dir.read()
+          if (dirent === null) {
+            ended = true
+            break
+          }
+          if (!isTempName(dirent.name)) batch.push(dirent.name)
+        }
+      } catch (e) {
+        closeDir(dir)
+        throw e
+      }
+      if (ended || cancelled) closeDir(dir)
+      else {
+        continued.push({ rel, dir })
+        pump()
+      }
+      const prefix = rel === "" ? "" : rel + "/"
+      const stats = await Promise.all(batch.map((name) => lstatOrUndefined(root + "/" + prefix + name)))
+      const links: Array<Promise<void>> = []
+      for (let i = 0; i < batch.length; i++) {
+        const st = stats[i]
+        if (st === undefined) continue
+        const entryPath = prefix + batch[i]!
+        const mode = st.mode & 0o7777
+        if (st.isDirectory()) {
+          emit({ path: entryPath, type: "dir", size: 0, mtime: st.mtimeMs, mode })
+          pending.push(entryPath)
+        } else if (st.isFile()) {
+          emit({ path: entryPath, type: "file", size: st.size, mtime: st.mtimeMs, mode })
+        } else if (st.isSymbolicLink()) {
+          links.push(
+            ignoreMissing(fsp.readlink(root + "/" + entryPath)).then((target) => {
+              if (target !== undefined) emit({ path: entryPath, type: "symlink", size: st.size, mtime: st.mtimeMs, mode, target })
+            })
+          )
+        }
+        // sockets, fifos and devices are not mirrored
+      }
+      await Promise.all(links)
+    }
+
+    const pump = () => {
+      while (!cancelled && failure === undefined && running < WALK_CONCURRENCY && pages.length < 2) {
+        const cont = continued.pop()
+        const rel = cont?.rel ?? pending.pop()
+        if (rel === undefined) break
+        running++
+        stepDir(rel, cont?.dir).then(
+          () => {
+            running--
+            pump()
+            wake()
+          },
+          (cause) => {
+            running--
+            failure ??= { cause }
+            wake()
+          }
+        )
+      }
+    }
+
+    const next = async (): Promise<ReadonlyArray<ManifestEntry> | undefined> => {
+      for (;;) {
+        if (failure !== undefined) throw failure.cause
+        if (pages.length > 0) {
+          const first = pages.shift()!
+          pump()
+          return first
+        }
+        if (running === 0 && continued.length === 0 && pending.length === 0) {
+          if (page.length === 0) return undefined
+          const last = page
+          page = []
+          return last
+        }
+        pump()
+        if (running > 0) await new Promise<void>((resolve) => (waiter = resolve))
+      }
+    }
+
+    const cancel = () => {
+      cancelled = true
+      for (const { dir } of continued.splice(0)) closeDir(dir)
+    }
+    return { next, cancel }
   }
+
+  const manifestPages: DestinationFsApi["manifestPages"] = (root, pageSize) =>
+    Stream.suspend(() => {
+      const walk = walkManifest(root, Math.max(1, pageSize))
+      return Stream.repeatEffectOption(
+        Effect.flatMap(
+          Effect.tryPromise({ try: walk.next, catch: (cause) => Option.some(ioError("manifest", root, cause)) }),
+          (page) => (page === undefined ? Effect.fail(Option.none()) : Effect.succeed(page))
+        )
+      ).pipe(Stream.ensuring(Effect.sync(walk.cancel)))
+    })
+
+  const manifest: DestinationFsApi["manifest"] = (root) => Stream.flattenIterables(manifestPages(root, 1000))
 
   return DestinationFs.of({
     resolveRoot,
     confine,
     openWrite,
+    writeFile,
     mkdir,
     remove,
     rename,
     symlink,
-    manifest
+    manifest,
+    manifestPages
   })
 }
 

@@ -193,6 +193,27 @@ export class DaemonClient {
     }
   }
 
+  /**
+   * Sends a whole Write (header and chunks, within the window) without waiting for its reply, as a
+   * pipelining client does; resolves once every byte is on the wire. Take the reply with `reply(seq)`.
+   */
+  async pipelineWrite(
+    seq: number,
+    filePath: string,
+    content: Uint8Array,
+    options?: { readonly mode?: number; readonly mtime?: number; readonly chunkBytes?: number; readonly window?: number }
+  ): Promise<void> {
+    this.send(
+      new Write({ seq, path: filePath, size: content.byteLength, mode: options?.mode ?? 0o644, mtime: options?.mtime ?? Date.now() })
+    )
+    await this.writeChunks(seq, content, options)
+  }
+
+  /** The replies for `seqs`, in the order given (they may have arrived in any order). */
+  replies(seqs: Iterable<number>, timeoutMs?: number): Promise<Array<Reply>> {
+    return Promise.all([...seqs].map((seq) => this.reply(seq, timeoutMs)))
+  }
+
   /** Writes a whole file with flow control and returns the reply. */
   async write(
     seq: number,
