@@ -144,6 +144,9 @@ export const openSession = (
         const ws = new WebSocket(endpoint.url, {
           perMessageDeflate: false,
           maxPayload: 64 * 1024 * 1024,
+          // Masking guards shared HTTP proxies; this link is 127.0.0.1 or an SSH tunnel. An all-zero
+          // mask (still valid WebSocket) lets ws skip masking every byte in JavaScript.
+          generateMask: (mask: Buffer) => void mask.fill(0),
           handshakeTimeout: Duration.toMillis(options.openTimeout),
           ...(endpoint.createConnection !== undefined ? { createConnection: endpoint.createConnection as never } : {})
         })
@@ -217,9 +220,14 @@ export const openSession = (
       ({ ws }) =>
         Effect.async<void>((resume) => {
           if (ws.readyState === WebSocket.CLOSED) return resume(Effect.void)
-          ws.once("close", () => resume(Effect.void))
-          ws.close(1000, "bye")
+          // A daemon that does not answer the close within a second is cut off; one that does must
+          // not keep the process alive for that second.
           const timer = setTimeout(() => ws.terminate(), 1000)
+          ws.once("close", () => {
+            clearTimeout(timer)
+            resume(Effect.void)
+          })
+          ws.close(1000, "bye")
           return Effect.sync(() => clearTimeout(timer))
         }).pipe(Effect.ensuring(Effect.sync(() => lose("session closed"))))
     )
@@ -249,11 +257,25 @@ export const openSession = (
       return { seq, ack: Deferred.await(done) }
     }
 
+    // Frames sent in one turn of the event loop leave in one write: a big sync sends thousands of
+    // small frames, and a syscall each was the client's largest single cost. (`_socket` is ws's
+    // own name for the stream it writes to; there is no public handle.)
+    const socket = (ws as unknown as { readonly _socket?: { cork(): void; uncork(): void } })._socket
+    let corked = false
+    const uncork = () => {
+      corked = false
+      socket?.uncork()
+    }
     const frame = (data: string | Buffer) =>
       Effect.suspend(() => {
         if (ws.readyState !== WebSocket.OPEN) {
           lose("connection closed")
           return Effect.fail(lostWith!)
+        }
+        if (!corked && socket !== undefined) {
+          corked = true
+          socket.cork()
+          process.nextTick(uncork)
         }
         ws.send(data)
         return Effect.void
@@ -298,7 +320,7 @@ export const openSession = (
           encodeClientMessage(new Write({ seq, path: source.path, size: source.size, mode: source.mode, mtime: source.mtime }))
         )
         let sent = 0
-        const abort = Effect.zipRight(frame(encodeClientMessage(new Abort({ seq }))), Effect.ignore(ack))
+        const abort = Effect.suspend(() => Effect.zipRight(frame(encodeClientMessage(new Abort({ seq }))), Effect.ignore(ack)))
         yield* source
           .read((chunk) =>
             Effect.gen(function* () {
