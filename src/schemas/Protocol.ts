@@ -14,7 +14,7 @@
  * or `OpFailed { seq }`. Operations of one session are applied in the order they were sent.
  * Liveness uses WebSocket ping/pong control frames in both directions.
  */
-import { Schema } from "effect"
+import { Either, Schema } from "effect"
 
 export const PROTOCOL_VERSION = 1
 
@@ -133,7 +133,48 @@ export type DaemonMessage = typeof DaemonMessage.Type
 // ---- codecs ---------------------------------------------------------------------------------
 
 export const decodeClientMessage = Schema.decodeUnknownEither(Schema.parseJson(ClientMessage))
-export const decodeDaemonMessage = Schema.decodeUnknownEither(Schema.parseJson(DaemonMessage))
+const decodeDaemonMessageSchema = Schema.decodeUnknownEither(Schema.parseJson(DaemonMessage))
+
+const isSeq = (n: unknown): n is number => typeof n === "number" && Number.isInteger(n) && n >= 0 && n <= 0xffffffff
+const ENTRY_TYPES = new Set(["file", "dir", "symlink"])
+const isEntry = (e: unknown): e is ManifestEntry => {
+  if (typeof e !== "object" || e === null) return false
+  const x = e as Record<string, unknown>
+  return (
+    typeof x.path === "string" &&
+    ENTRY_TYPES.has(x.type as string) &&
+    Number.isInteger(x.size) &&
+    typeof x.mtime === "number" &&
+    Number.isInteger(x.mode) &&
+    (x.mode as number) >= 0 &&
+    (x.mode as number) <= 0o7777 &&
+    (x.target === undefined || typeof x.target === "string")
+  )
+}
+
+/**
+ * Acks, Credits and Manifest pages are nearly all of a big sync's replies: they are checked by
+ * hand (the same rules as their Schemas; a test holds the two together), everything else and
+ * anything doubtful goes through the Schema.
+ */
+export const decodeDaemonMessage = (text: string): Either.Either<DaemonMessage, unknown> => {
+  let json: unknown
+  try {
+    json = JSON.parse(text)
+  } catch {
+    return decodeDaemonMessageSchema(text)
+  }
+  const m = json as Record<string, unknown> | null
+  if (m !== null && typeof m === "object") {
+    const keys = Object.keys(m).length
+    if (m._tag === "Ack" && keys === 2 && isSeq(m.seq)) return Either.right(m as unknown as Ack)
+    if (m._tag === "Credit" && keys === 2 && Number.isInteger(m.bytes) && (m.bytes as number) >= 0) return Either.right(m as unknown as Credit)
+    if (m._tag === "Manifest" && keys === 4 && isSeq(m.seq) && typeof m.done === "boolean" && Array.isArray(m.entries) && m.entries.every(isEntry)) {
+      return Either.right(m as unknown as Manifest)
+    }
+  }
+  return decodeDaemonMessageSchema(text)
+}
 export const encodeClientMessage = Schema.encodeSync(Schema.parseJson(ClientMessage))
 export const encodeDaemonMessage = Schema.encodeSync(Schema.parseJson(DaemonMessage))
 
