@@ -11,7 +11,10 @@
  * slow disk on the remote bounds memory on both sides instead of piling up in socket buffers.
  *
  * Every operation carries a client-chosen `seq` and is answered by exactly one `Ack { seq }`
- * or `OpFailed { seq }`. Operations of one session are applied in the order they were sent.
+ * or `OpFailed { seq }`, in the order operations complete. Operations are applied as if in the
+ * order they were sent: one never runs before an earlier one on the same path, an ancestor or a
+ * descendant (independent ones run concurrently). A client sends a `Write`'s chunks before the
+ * chunks of any later `Write` to the same, an ancestor or a descendant path.
  * Liveness uses WebSocket ping/pong control frames in both directions.
  */
 import { Either, Schema } from "effect"

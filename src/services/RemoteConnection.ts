@@ -1,9 +1,9 @@
 /**
  * RemoteConnection: one authenticated WebSocket session to one destination root.
  *
- * Operations are pipelined: `send` puts the frame on the wire at once (so the daemon applies
- * operations in the order they were sent) and hands back an effect that waits for that
- * operation's ack. File bytes are streamed in `CHUNK_BYTES` frames under a byte window that the
+ * Operations are pipelined: `send` puts the frame on the wire at once (the daemon applies them as
+ * if in the order they were sent, see Protocol.ts) and hands back an effect that waits for that
+ * operation's ack, whenever it comes. File bytes are streamed in `CHUNK_BYTES` frames under a byte window that the
  * daemon refills with `Credit`, so neither side buffers more than `WINDOW_BYTES` per session.
  */
 import { Context, Data, Deferred, Duration, Effect, FiberId, Layer, type Scope } from "effect"
