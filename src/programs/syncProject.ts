@@ -84,23 +84,23 @@ export const fileSource = (abs: string, rel: string, stats: import("node:fs").St
       ? new SourceChanged({ path: rel })
       : new SourceUnreadable({ path: rel, message: (e as Error).message })
 
+  /** The whole file, or `undefined` if it changed since `stats`; throws if it cannot be read. */
+  const readSmallNow = (): Buffer | undefined => {
+    const fd = fsSync.openSync(abs, "r")
+    try {
+      // One byte more than expected: a file that grew since the stat is noticed here.
+      const buffer = Buffer.allocUnsafe(stats.size + 1)
+      const bytesRead = fsSync.readSync(fd, buffer, 0, buffer.byteLength, 0)
+      if (bytesRead !== stats.size || changed(fsSync.fstatSync(fd))) return undefined
+      return buffer.subarray(0, bytesRead)
+    } finally {
+      fsSync.closeSync(fd)
+    }
+  }
+
   const readSmall: FileSource["read"] = (emit) =>
     Effect.flatMap(
-      Effect.try({
-        try: () => {
-          const fd = fsSync.openSync(abs, "r")
-          try {
-            // One byte more than expected: a file that grew since the stat is noticed here.
-            const buffer = Buffer.allocUnsafe(stats.size + 1)
-            const bytesRead = fsSync.readSync(fd, buffer, 0, buffer.byteLength, 0)
-            if (bytesRead !== stats.size || changed(fsSync.fstatSync(fd))) return undefined
-            return buffer.subarray(0, bytesRead)
-          } finally {
-            fsSync.closeSync(fd)
-          }
-        },
-        catch: unreadable
-      }),
+      Effect.try({ try: readSmallNow, catch: unreadable }),
       (bytes): Effect.Effect<void, ConnectionLost | SourceChanged> =>
         bytes === undefined ? Effect.fail(new SourceChanged({ path: rel })) : bytes.byteLength > 0 ? emit(bytes) : Effect.void
     )
@@ -131,7 +131,8 @@ export const fileSource = (abs: string, rel: string, stats: import("node:fs").St
     size: stats.size,
     mode: stats.mode & 0o7777,
     mtime: stats.mtimeMs,
-    read: stats.size <= SMALL_FILE_BYTES ? readSmall : readLarge
+    read: stats.size <= SMALL_FILE_BYTES ? readSmall : readLarge,
+    ...(stats.size <= SMALL_FILE_BYTES ? { readNow: () => readSmallNow() } : {})
   }
 }
 
@@ -151,18 +152,23 @@ type Plan =
   | { readonly kind: "write"; readonly path: string; readonly source: FileSource }
   | { readonly kind: "skip"; readonly path: string; readonly why: string }
 
-export const planFor = (project: ResolvedProject, excludes: Excludes, change: Change) =>
-  Effect.promise(async (): Promise<Plan> => {
+export const planFor = (project: ResolvedProject, excludes: Excludes, change: Change) => Effect.sync(() => planNow(project, excludes, change))
+
+/** Synchronous: a few microseconds per path, where async calls cost a thread-pool round trip each. */
+const planNow = (project: ResolvedProject, excludes: Excludes, change: Change): Plan => {
+  {
     // The disk decides, not the event: a remove may be stale (reported late, or from an old scan).
     const rel = change.path
     const abs = path.join(project.root, rel)
-    // Synchronous: microseconds, where an async lstat costs a thread-pool round trip per path.
     const lstat = lstatOrUndefined(abs)
     if (lstat === undefined) return { kind: "remove", path: rel }
     let stats = lstat
     if (lstat.isSymbolicLink()) {
-      if (!project.followSymLinks) return { kind: "symlink", path: rel, target: await fs.readlink(abs) }
-      const target = await fs.stat(abs).catch(() => undefined)
+      if (!project.followSymLinks) {
+        const target = attempt(() => fsSync.readlinkSync(abs))
+        return target === undefined ? { kind: "remove", path: rel } : { kind: "symlink", path: rel, target }
+      }
+      const target = attempt(() => fsSync.statSync(abs))
       if (target === undefined) return { kind: "skip", path: rel, why: "a broken symbolic link (followSymLinks is on)" }
       stats = target
     }
@@ -170,7 +176,16 @@ export const planFor = (project: ResolvedProject, excludes: Excludes, change: Ch
     if (stats.isDirectory()) return { kind: "mkdir", path: rel, mode: stats.mode & 0o7777, mtime: stats.mtimeMs }
     if (stats.isFile()) return { kind: "write", path: rel, source: fileSource(abs, rel, stats) }
     return { kind: "skip", path: rel, why: "not a regular file, directory or symbolic link" }
-  })
+  }
+}
+
+const attempt = <A>(f: () => A): A | undefined => {
+  try {
+    return f()
+  } catch {
+    return undefined
+  }
+}
 
 const verb: Record<Plan["kind"], string> = { remove: "remove", mkdir: "mkdir", symlink: "symlink", write: "change", skip: "skip" }
 
@@ -313,6 +328,24 @@ export const makeDestinationWorker = (
         reconciling = { startedAt, files: plan.upserts.length, bytes: plan.bytes, removes: plan.removes.length, bar }
       })
 
+    /** A small file goes out from memory in one cheap step; anything else is streamed. */
+    const writeFile = (session: Session, source: FileSource) => {
+      if (source.readNow === undefined || session.writeBytes === undefined) return session.write(source)
+      const writeBytes = session.writeBytes
+      return Effect.suspend((): Effect.Effect<Ack, ConnectionLost | SourceChanged | SourceUnreadable> => {
+        let bytes: Uint8Array | undefined
+        try {
+          bytes = source.readNow!()
+        } catch (e) {
+          const code = (e as NodeJS.ErrnoException).code
+          return code === "ENOENT" || code === "ENOTDIR"
+            ? Effect.fail(new SourceChanged({ path: source.path }))
+            : Effect.fail(new SourceUnreadable({ path: source.path, message: (e as Error).message }))
+        }
+        return bytes === undefined ? Effect.fail(new SourceChanged({ path: source.path })) : writeBytes(source, bytes)
+      })
+    }
+
     /** Sends one batch, pipelined; returns when every operation is acknowledged. */
     const apply = (session: Session, batch: Map<string, ChangeKind>) =>
       Effect.gen(function* () {
@@ -350,7 +383,7 @@ export const makeDestinationWorker = (
             }
             const sent = yield* (
               plan.kind === "write"
-                ? session.write(plan.source)
+                ? writeFile(session, plan.source)
                 : session.send(
                     plan.kind === "remove"
                       ? { _tag: "Remove", path: plan.path }

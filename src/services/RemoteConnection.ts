@@ -67,6 +67,8 @@ export interface FileSource {
   readonly size: number
   readonly mode: number
   readonly mtime: number
+  /** A small file's bytes, read at once; `undefined` if it changed since it was seen; throws if unreadable. */
+  readonly readNow?: () => Uint8Array | undefined
   /** Produces the file's bytes in order, calling `emit` for each chunk and awaiting it. */
   readonly read: (
     emit: (chunk: Uint8Array) => Effect.Effect<void, ConnectionLost>
@@ -82,6 +84,14 @@ export interface Session {
    * A source that changes or fails while read aborts the remote write (nothing partial is kept).
    */
   readonly write: (source: FileSource) => Effect.Effect<Ack, ConnectionLost | SourceChanged | SourceUnreadable>
+  /**
+   * The same for a file already read into memory (small files in a big sync): one cheap effect,
+   * waiting only when the credit window is full. Optional: test doubles may leave it out.
+   */
+  readonly writeBytes?: (
+    file: { readonly path: string; readonly mode: number; readonly mtime: number },
+    bytes: Uint8Array
+  ) => Effect.Effect<Ack, ConnectionLost>
   readonly manifest: Effect.Effect<ReadonlyArray<ManifestEntry>, OperationFailed | ConnectionLost>
   /** Completes when the session is gone. */
   readonly closed: Effect.Effect<ConnectionLost>
@@ -343,6 +353,32 @@ export const openSession = (
         return ack
       })
 
+    const sendBytes = (file: { readonly path: string; readonly mode: number; readonly mtime: number }, bytes: Uint8Array): Ack => {
+      const { ack, seq } = register(file.path)
+      // Plain JSON of a Write: its Schema encoding is the identity, and this runs once per file.
+      ws.send(JSON.stringify({ _tag: "Write", seq, path: file.path, size: bytes.byteLength, mode: file.mode, mtime: file.mtime }))
+      if (bytes.byteLength > 0) ws.send(encodeChunk(seq, bytes))
+      return ack
+    }
+    const writeBytes = (file: { readonly path: string; readonly mode: number; readonly mtime: number }, bytes: Uint8Array) =>
+      Effect.suspend((): Effect.Effect<Ack, ConnectionLost> => {
+        if (bytes.byteLength > CHUNK_BYTES) return Effect.dieMessage("writeBytes takes at most one chunk")
+        if (lostWith !== undefined || ws.readyState !== WebSocket.OPEN) {
+          lose("connection closed")
+          return Effect.fail(lostWith!)
+        }
+        if (window >= bytes.byteLength) {
+          window -= bytes.byteLength
+          if (!corked && socket !== undefined) {
+            corked = true
+            socket.cork()
+            process.nextTick(uncork)
+          }
+          return Effect.succeed(sendBytes(file, bytes))
+        }
+        return Effect.flatMap(takeCredit(bytes.byteLength), () => Effect.map(ensureOpen, () => sendBytes(file, bytes)))
+      })
+
     const manifest = Effect.gen(function* () {
       yield* ensureOpen
       const entries: Array<ManifestEntry> = []
@@ -352,7 +388,7 @@ export const openSession = (
       return entries
     })
 
-    return { welcome, send, write, manifest, closed: Deferred.await(closed) } satisfies Session
+    return { welcome, send, write, writeBytes, manifest, closed: Deferred.await(closed) } satisfies Session
   })
 
 // ---- the service ------------------------------------------------------------------------------
