@@ -3,39 +3,23 @@
  * temporary $HOME, temporary project directories as cwd and stdin that is not a terminal.
  */
 import { JSONSchema, type Schema } from "effect"
-import { execFileSync, spawnSync } from "node:child_process"
+import { spawnSync } from "node:child_process"
 import * as fs from "node:fs"
 import * as os from "node:os"
 import * as path from "node:path"
 import { fileURLToPath, pathToFileURL } from "node:url"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import { ProjectFile, Registry } from "../src/schemas/ConfigFile.js"
+import { bundle, ensureBundle } from "./support/cli.js"
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..")
-const BIN = path.join(ROOT, "dist", "sicksync.mjs")
+const BIN = bundle
 const PROJECT_FILE = ".sicksync-config.json"
 const PROJECT_SCHEMA_URL = pathToFileURL(path.join(ROOT, "schema", "project.schema.json")).href
 const REGISTRY_SCHEMA_URL = pathToFileURL(path.join(ROOT, "schema", "registry.schema.json")).href
 const PICK_HINT = "Pick one with `sicksync <alias>`, sync them all with `sicksync --all`, or create a project here with `sicksync init`."
 
-/** Newest modification time of the files under `dir`. */
-const newest = (dir: string): number =>
-  fs
-    .readdirSync(dir, { withFileTypes: true })
-    .reduce((max, e) => Math.max(max, e.isDirectory() ? newest(path.join(dir, e.name)) : fs.statSync(path.join(dir, e.name)).mtimeMs), 0)
-
-beforeAll(() => {
-  const sources = Math.max(
-    newest(path.join(ROOT, "src")),
-    fs.statSync(path.join(ROOT, "scripts", "build.mjs")).mtimeMs,
-    fs.statSync(path.join(ROOT, "scripts", "gen-schema.ts")).mtimeMs,
-    fs.statSync(path.join(ROOT, "package.json")).mtimeMs
-  )
-  const stale = ["project", "registry"].some((n) => !fs.existsSync(path.join(ROOT, "schema", `${n}.schema.json`)))
-  if (stale || !fs.existsSync(BIN) || fs.statSync(BIN).mtimeMs < sources) {
-    execFileSync(process.execPath, [path.join(ROOT, "scripts", "build.mjs")], { cwd: ROOT, stdio: "pipe" })
-  }
-}, 120_000)
+beforeAll(() => ensureBundle(), 120_000)
 
 const dirs: Array<string> = []
 afterAll(() => {

@@ -14,9 +14,9 @@ import * as fs from "node:fs"
 import * as os from "node:os"
 import * as path from "node:path"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
-import { ensureBundle, type Running, start } from "./support/cli.js"
+import { ensureBundle, type Running, start, waitUntil } from "./support/cli.js"
 import { startProxy, type Proxy } from "./support/proxy.js"
-import { prepareClientHome, type Sshd, startSshd } from "./support/sshd.js"
+import { daemonsOf, prepareClientHome, type Sshd, startSshd } from "./support/sshd.js"
 import { diffTrees, waitForIdentical } from "./support/tree.js"
 
 const skip = (rel: string) => rel === ".sicksync-config.json"
@@ -38,25 +38,7 @@ const write = (root: string, rel: string, data: string | Buffer) => {
   fs.writeFileSync(abs, data)
 }
 
-const waitUntil = async (what: string, check: () => boolean, timeoutMs = 30_000) => {
-  const deadline = Date.now() + timeoutMs
-  while (!check()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`)
-    await new Promise((r) => setTimeout(r, 50))
-  }
-}
 
-/** Daemon processes serving a host: their command line runs the agent installed under its $HOME. */
-const daemonsOf = (host: Sshd): Array<number> =>
-  fs.readdirSync("/proc").flatMap((entry) => {
-    if (!/^\d+$/.test(entry)) return []
-    try {
-      const argv = fs.readFileSync(`/proc/${entry}/cmdline`, "utf8").split("\0")
-      return argv.includes("daemon") && argv.some((a) => a.startsWith(host.home + path.sep)) ? [Number(entry)] : []
-    } catch {
-      return []
-    }
-  })
 
 /**
  * Live processes (not zombies) that belong to this test's client side: run with its $HOME in their

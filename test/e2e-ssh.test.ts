@@ -12,9 +12,9 @@ import * as os from "node:os"
 import * as path from "node:path"
 import { spawn, spawnSync } from "node:child_process"
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest"
-import { bundle, ensureBundle, repoRoot, run, type Running, start } from "./support/cli.js"
+import { bundle, ensureBundle, repoRoot, run, type Running, start, waitUntil } from "./support/cli.js"
 import { startProxy, type Proxy } from "./support/proxy.js"
-import { generateKey, prepareClientHome, type Sshd, startSshd } from "./support/sshd.js"
+import { daemonsOf, generateKey, prepareClientHome, type Sshd, startSshd } from "./support/sshd.js"
 import { waitForIdentical } from "./support/tree.js"
 
 const VERSION = (JSON.parse(fs.readFileSync(path.join(repoRoot, "package.json"), "utf8")) as { version: string }).version
@@ -89,25 +89,7 @@ const startClient = (world: World, project: string, args: ReadonlyArray<string> 
 
 const count = (client: Running, pattern: RegExp) => client.lines.filter((l) => pattern.test(l)).length
 
-const waitUntil = async (what: string, check: () => boolean, timeoutMs = 20_000) => {
-  const deadline = Date.now() + timeoutMs
-  while (!check()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`)
-    await new Promise((r) => setTimeout(r, 50))
-  }
-}
 
-/** Daemon processes serving a host: their command line runs the agent installed under its $HOME. */
-const daemonsOf = (host: Sshd): Array<number> =>
-  fs.readdirSync("/proc").flatMap((entry) => {
-    if (!/^\d+$/.test(entry)) return []
-    try {
-      const argv = fs.readFileSync(`/proc/${entry}/cmdline`, "utf8").split("\0")
-      return argv.includes("daemon") && argv.some((a) => a.startsWith(host.home + path.sep)) ? [Number(entry)] : []
-    } catch {
-      return []
-    }
-  })
 
 const stateOf = (host: Sshd) =>
   JSON.parse(fs.readFileSync(path.join(host.home, ".sicksync", "daemon.json"), "utf8")) as { pid: number; port: number; version: string }

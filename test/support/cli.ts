@@ -9,16 +9,30 @@ import { fileURLToPath } from "node:url"
 export const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..", "..")
 export const bundle = path.join(repoRoot, "dist", "sicksync.mjs")
 
-/** Builds the bundle unless it is newer than every source file. */
+/** Builds the bundle (and the editor schemas) unless they are newer than every file they come from. */
 export const ensureBundle = () => {
   const newest = (dir: string): number =>
     fs.readdirSync(dir, { withFileTypes: true }).reduce((m, e) => {
       const p = path.join(dir, e.name)
       return Math.max(m, e.isDirectory() ? newest(p) : fs.statSync(p).mtimeMs)
     }, 0)
-  if (fs.existsSync(bundle) && fs.statSync(bundle).mtimeMs >= newest(path.join(repoRoot, "src"))) return
+  const sources = Math.max(
+    newest(path.join(repoRoot, "src")),
+    ...["scripts/build.mjs", "scripts/gen-schema.ts", "package.json"].map((f) => fs.statSync(path.join(repoRoot, f)).mtimeMs)
+  )
+  const schemas = ["project", "registry"].every((n) => fs.existsSync(path.join(repoRoot, "schema", `${n}.schema.json`)))
+  if (schemas && fs.existsSync(bundle) && fs.statSync(bundle).mtimeMs >= sources) return
   const r = spawnSync(process.execPath, [path.join(repoRoot, "scripts", "build.mjs")], { stdio: "inherit" })
   if (r.status !== 0) throw new Error("build failed")
+}
+
+/** Polls `check` until it holds; fails naming `what` after `timeoutMs`. */
+export const waitUntil = async (what: string, check: () => boolean, timeoutMs = 30_000) => {
+  const deadline = Date.now() + timeoutMs
+  while (!check()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`)
+    await new Promise((r) => setTimeout(r, 50))
+  }
 }
 
 export interface RunResult {

@@ -234,3 +234,15 @@ export const prepareClientHome = (home: string, knownHosts: ReadonlyArray<string
   fs.writeFileSync(path.join(ssh, "known_hosts"), knownHosts.map((l) => `${l}\n`).join(""), { mode: 0o644 })
   return key
 }
+
+/** Daemon processes serving a host: their command line runs the agent installed under its $HOME. */
+export const daemonsOf = (host: Sshd): Array<number> =>
+  fs.readdirSync("/proc").flatMap((entry) => {
+    if (!/^\d+$/.test(entry)) return []
+    try {
+      const argv = fs.readFileSync(`/proc/${entry}/cmdline`, "utf8").split("\0")
+      return argv.includes("daemon") && argv.some((a) => a.startsWith(host.home + path.sep)) ? [Number(entry)] : []
+    } catch {
+      return []
+    }
+  })
