@@ -192,6 +192,8 @@ const latencySsh = async () => {
   client.kill("SIGTERM")
 
   // lsyncd with default.rsyncssh and no delay: what the old tools offer
+  const haveLsyncd = spawnSync("lsyncd", ["-version"]).error === undefined
+  if (!haveLsyncd) console.error("lsyncd is not installed (apt-get install lsyncd): its row is left out")
   const lsrc = path.join(base, "lsyncd-src")
   fs.mkdirSync(lsrc)
   const theirs = remoteDir("lsyncd")
@@ -204,11 +206,13 @@ sync { default.rsyncssh, source = "${lsrc}", host = "${user}@127.0.0.1", targetd
 `
   )
   fs.writeFileSync(path.join(lsrc, "ready.txt"), "ready")
-  const lsyncd = spawn("lsyncd", [conf], { env: sshEnv, stdio: "ignore" })
-  children.push(lsyncd)
-  await arrival(theirs, "ready.txt", "ready") // its initial rsync is done
-  await measure("lsyncd (rsyncssh, delay 0)", theirs, (c) => fs.writeFileSync(path.join(lsrc, "edited.txt"), c))
-  lsyncd.kill("SIGTERM")
+  if (haveLsyncd) {
+    const lsyncd = spawn("lsyncd", [conf], { env: sshEnv, stdio: "ignore" })
+    children.push(lsyncd)
+    await arrival(theirs, "ready.txt", "ready") // its initial rsync is done
+    await measure("lsyncd (rsyncssh, delay 0)", theirs, (c) => fs.writeFileSync(path.join(lsrc, "edited.txt"), c))
+    lsyncd.kill("SIGTERM")
+  }
 
   // rsync over ssh, run for every change
   const rsrc = path.join(base, "rsync-src")
