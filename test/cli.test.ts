@@ -8,9 +8,10 @@ import * as fs from "node:fs"
 import * as os from "node:os"
 import * as path from "node:path"
 import { fileURLToPath, pathToFileURL } from "node:url"
-import { afterAll, beforeAll, describe, expect, it } from "vitest"
+import { beforeAll, describe, expect, it } from "vitest"
 import { ProjectFile, Registry } from "../src/schemas/ConfigFile.js"
 import { bundle, ensureBundle } from "./support/cli.js"
+import { mkdir, tempDirs, writeFile } from "./support/fixtures.js"
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..")
 const BIN = bundle
@@ -21,28 +22,7 @@ const PICK_HINT = "Pick one with `sicksync <alias>`, sync them all with `sicksyn
 
 beforeAll(() => ensureBundle(), 120_000)
 
-const dirs: Array<string> = []
-afterAll(() => {
-  for (const dir of dirs) fs.rmSync(dir, { recursive: true, force: true })
-})
-
-const tmp = (): string => {
-  const dir = fs.realpathSync(fs.mkdtempSync(path.join(os.tmpdir(), "sicksync-cli-")))
-  dirs.push(dir)
-  return dir
-}
-
-const mkdir = (...parts: Array<string>): string => {
-  const dir = path.join(...parts)
-  fs.mkdirSync(dir, { recursive: true })
-  return dir
-}
-
-const writeFile = (file: string, value: unknown): string => {
-  fs.mkdirSync(path.dirname(file), { recursive: true })
-  fs.writeFileSync(file, typeof value === "string" ? value : `${JSON.stringify(value, null, 2)}\n`)
-  return file
-}
+const tmp = tempDirs("sicksync-cli-")
 
 const writeProject = (root: string, value: unknown) => writeFile(path.join(root, PROJECT_FILE), value)
 const readJson = (file: string): unknown => JSON.parse(fs.readFileSync(file, "utf8"))

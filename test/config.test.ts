@@ -6,9 +6,7 @@ import * as NodeContext from "@effect/platform-node/NodeContext"
 import { describe, expect, it } from "@effect/vitest"
 import { type Context, Effect, Either, Layer, Logger } from "effect"
 import * as fs from "node:fs"
-import * as os from "node:os"
 import * as path from "node:path"
-import { afterAll } from "vitest"
 import { DEFAULT_EXCLUDES, PROJECT_FILE, type ProjectFile, type ResolvedProject } from "../src/schemas/ConfigFile.js"
 import * as Config from "../src/services/Config.js"
 import {
@@ -19,32 +17,11 @@ import {
   resolveProjectFile,
   SyncConfig
 } from "../src/services/Config.js"
+import { mkdir, tempDirs, writeFile } from "./support/fixtures.js"
 
 // ---- helpers ----------------------------------------------------------------------------------
 
-const dirs: Array<string> = []
-afterAll(() => {
-  for (const dir of dirs) fs.rmSync(dir, { recursive: true, force: true })
-})
-
-/** A fresh directory (real path, so comparisons with resolved paths hold). */
-const tmp = (): string => {
-  const dir = fs.realpathSync(fs.mkdtempSync(path.join(os.tmpdir(), "sicksync-config-")))
-  dirs.push(dir)
-  return dir
-}
-
-const mkdir = (...parts: Array<string>): string => {
-  const dir = path.join(...parts)
-  fs.mkdirSync(dir, { recursive: true })
-  return dir
-}
-
-const writeFile = (file: string, value: unknown): string => {
-  fs.mkdirSync(path.dirname(file), { recursive: true })
-  fs.writeFileSync(file, typeof value === "string" ? value : JSON.stringify(value, null, 2))
-  return file
-}
+const tmp = tempDirs("sicksync-config-")
 
 const writeProject = (root: string, value: unknown): string => writeFile(path.join(root, PROJECT_FILE), value)
 

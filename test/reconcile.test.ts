@@ -4,7 +4,7 @@ import * as os from "node:os"
 import * as path from "node:path"
 import { describe, expect, it } from "vitest"
 import { deletedCount, diff, type LocalEntry, scanLocal } from "../src/programs/reconcile.js"
-import type { ResolvedProject } from "../src/schemas/ConfigFile.js"
+import { testProject } from "./support/fixtures.js"
 import type { ManifestEntry } from "../src/schemas/Protocol.js"
 import { fromPatterns, none } from "../src/services/Excludes.js"
 
@@ -66,16 +66,7 @@ describe("scanLocal", () => {
     fs.writeFileSync(path.join(root, "a.txt"), "abc")
     fs.symlinkSync("a.txt", path.join(root, "link"))
     fs.symlinkSync("missing", path.join(root, "dangling"))
-    const project = (followSymLinks: boolean): ResolvedProject => ({
-      name: "p",
-      alias: undefined,
-      root,
-      configFile: path.join(root, ".sicksync-config.json"),
-      destinations: [],
-      excludes: [],
-      excludesFile: [],
-      followSymLinks
-    })
+    const project = (followSymLinks: boolean) => testProject(root, { followSymLinks })
     const links = await Effect.runPromise(scanLocal(project(false), fromPatterns(["node_modules/"])))
     expect([...links.keys()].sort()).toEqual(["a.txt", "dangling", "link"])
     expect(links.get("link")).toMatchObject({ type: "symlink", target: "a.txt" })

@@ -4,7 +4,7 @@ import * as fs from "node:fs"
 import * as os from "node:os"
 import * as path from "node:path"
 import { makeDestinationWorker, makeScanner, defaultSyncOptions } from "../src/programs/syncProject.js"
-import type { ResolvedProject } from "../src/schemas/ConfigFile.js"
+import { testDestination, testProject } from "./support/fixtures.js"
 import { none } from "../src/services/Excludes.js"
 import { type DestinationState, render, Status } from "../src/services/Status.js"
 import { fakeRemote } from "./support/fakeRemote.js"
@@ -23,17 +23,8 @@ describe("Status", () => {
   it.live("a worker reports connecting, comparing, syncing and in sync, and leaves the line when it ends", () =>
     Effect.gen(function* () {
       const root = fs.mkdtempSync(path.join(os.tmpdir(), "sicksync-status-"))
-      const project: ResolvedProject = {
-        name: "p",
-        alias: undefined,
-        root,
-        configFile: path.join(root, ".sicksync-config.json"),
-        destinations: [],
-        excludes: [],
-        excludesFile: [],
-        followSymLinks: false
-      }
-      const dest = { name: "d", hostname: "d", destinationLocation: "/d", username: undefined, port: undefined, identityFile: undefined, websocketPort: 0, transport: "local" as const }
+      const project = testProject(root)
+      const dest = testDestination("d")
       const seen: Array<string> = []
       const recording = Layer.succeed(
         Status,

@@ -19,31 +19,14 @@ import { type Excludes, fromPatterns, none } from "../src/services/Excludes.js"
 import * as Progress from "../src/services/Progress.js"
 import * as Status from "../src/services/Status.js"
 import { fakeRemote } from "./support/fakeRemote.js"
+import { testDestination, testProject } from "./support/fixtures.js"
 import { ConnectionLost, RemoteConnection } from "../src/services/RemoteConnection.js"
 
 const fast: SyncOptions = { ...defaultSyncOptions, settle: "5 millis", backoffBase: "5 millis", backoffCap: "20 millis" }
 
-const dest = (name: string): ResolvedDestination => ({
-  name,
-  hostname: name,
-  destinationLocation: `/tmp/${name}`,
-  username: undefined,
-  port: undefined,
-  identityFile: undefined,
-  websocketPort: 0,
-  transport: "local"
-})
+const dest = testDestination
 
-const project = (root: string, ...names: Array<string>): ResolvedProject => ({
-  name: "p",
-  alias: undefined,
-  root,
-  configFile: path.join(root, ".sicksync-config.json"),
-  destinations: names.map(dest),
-  excludes: [],
-  excludesFile: [],
-  followSymLinks: false
-})
+const project = (root: string, ...names: Array<string>): ResolvedProject => testProject(root, { destinations: names })
 
 
 const tmpRoot = () => fs.mkdtempSync(path.join(os.tmpdir(), "sicksync-sync-"))
