@@ -22,6 +22,8 @@ import {
 import {
   Abort,
   Ack,
+  CHUNK_BYTES,
+  Close,
   Credit,
   type DaemonMessage,
   decodeClientMessage,
@@ -94,8 +96,8 @@ afterAll(async () => {
 const openSession = async () => {
   const name = `dest-${++rootCounter}`
   const client = await DaemonClient.connect(daemon.port)
-  const welcome = await client.hello({ token: daemon.token, destinationRoot: `~/${name}` })
-  expect(welcome._tag).toBe("Welcome")
+  const opened = await client.helloAndOpen({ token: daemon.token, destinationRoot: `~/${name}` })
+  expect(opened._tag).toBe("Opened")
   return { client, root: path.join(daemon.home, name) }
 }
 
@@ -137,21 +139,58 @@ describe("state and handshake", () => {
     expect(fs.readdirSync(dir).filter((n) => n.endsWith(".tmp"))).toEqual([])
   })
 
-  it("welcomes a Hello with the right token and creates the root", async () => {
+  it("welcomes a Hello with the right token; opens channels on roots, creating them", async () => {
     const client = await DaemonClient.connect(daemon.port)
-    const welcome = await client.hello({ token: daemon.token, destinationRoot: "~/projects/web" })
-    expect(welcome).toMatchObject({
+    expect(await client.hello({ token: daemon.token })).toMatchObject({
       _tag: "Welcome",
       protocolVersion: PROTOCOL_VERSION,
-      daemonVersion: VERSION,
-      root: path.join(daemon.home, "projects/web")
+      daemonVersion: VERSION
     })
+    expect(await client.open("~/projects/web")).toMatchObject({ _tag: "Opened", ch: 0, root: path.join(daemon.home, "projects/web") })
     expect(fs.statSync(path.join(daemon.home, "projects/web")).isDirectory()).toBe(true)
-    const absolute = await DaemonClient.connect(daemon.port)
     const abs = path.join(daemon.home, "abs-root")
-    expect(await absolute.hello({ token: daemon.token, destinationRoot: abs })).toMatchObject({ _tag: "Welcome", root: abs })
+    expect(await client.open(abs, 1)).toMatchObject({ _tag: "Opened", ch: 1, root: abs })
     await client.close()
-    await absolute.close()
+  })
+
+  it("serves several channels on one session, each applied on its own root; Close answers Closed after the last reply", async () => {
+    const client = await DaemonClient.connect(daemon.port)
+    await client.hello({ token: daemon.token })
+    const roots = ["~/multi-a", "~/multi-b", "~/multi-c"]
+    for (const [ch, root] of roots.entries()) expect((await client.open(root, ch))._tag).toBe("Opened")
+    // the same relative path on every channel, interleaved, seqs distinct across channels
+    const seqs: Array<number> = []
+    for (let i = 0; i < 20; i++) {
+      for (const ch of [0, 1, 2]) {
+        const seq = 1000 * (ch + 1) + i
+        seqs.push(seq)
+        const content = Buffer.from(`ch ${ch} file ${i}`)
+        client.send(new Write({ ch, seq, path: `dir/f${i}.txt`, size: content.byteLength, mode: 0o644, mtime: Date.now() }))
+        client.sendChunk(seq, content, ch)
+      }
+    }
+    const replies = await client.replies(seqs)
+    expect(replies.every((r) => r._tag === "Ack")).toBe(true)
+    for (const [ch, root] of roots.entries()) {
+      const dir = path.join(daemon.home, root.slice(2), "dir")
+      expect(fs.readdirSync(dir).length).toBe(20)
+      expect(fs.readFileSync(path.join(dir, "f7.txt"), "utf8")).toBe(`ch ${ch} file 7`)
+    }
+    expect(replies.every((r) => r.ch === Math.floor(r.seq / 1000) - 1)).toBe(true)
+    // Close right behind a write of several chunks: the write is applied and answered first
+    const big = Buffer.alloc(3 * CHUNK_BYTES + 5, 7)
+    await client.pipelineWrite(5000, "big.bin", big, { ch: 1 })
+    client.send(new Close({ ch: 1 }))
+    expect(await client.op(new Mkdir({ ch: 2, seq: 5001, path: "meanwhile", mode: 0o755 }))).toMatchObject({ _tag: "Ack", ch: 2 })
+    const order = await Promise.all([client.reply(5000), client.takeTag("Closed")])
+    expect(order[0]).toMatchObject({ _tag: "Ack", ch: 1 })
+    expect(order[1]).toMatchObject({ ch: 1 })
+    const indexOf = (m: DaemonMessage) => client.received.indexOf(m)
+    expect(indexOf(order[0])).toBeLessThan(indexOf(order[1]))
+    expect(fs.readFileSync(path.join(daemon.home, "multi-b", "big.bin")).equals(big)).toBe(true)
+    // the session and its other channels go on
+    expect(await client.op(new Mkdir({ ch: 0, seq: 5002, path: "after", mode: 0o755 }))).toMatchObject({ _tag: "Ack", ch: 0 })
+    await client.close()
   })
 
   /**
@@ -195,12 +234,20 @@ describe("state and handshake", () => {
     await rejected(raw(Buffer.from([0, 0, 0, 1, 2])), "bad-hello")
   })
 
-  it("rejects roots that are /, the home directory, relative, or above home", async () => {
+  it("refuses to open roots that are /, the home directory, relative, or above home", async () => {
     const linkToHome = path.join(daemon.home, "..", path.basename(daemon.home) + "-link")
     fs.symlinkSync(daemon.home, linkToHome)
     try {
       for (const destinationRoot of ["/", "~", "~/", daemon.home, linkToHome, "relative/dir", "./x", "~/..", "/..", "~/a\0b"]) {
-        await rejected((c) => c.hello({ token: daemon.token, destinationRoot }), "root")
+        const other = await bystander()
+        const client = await DaemonClient.connect(daemon.port)
+        await client.hello({ token: daemon.token })
+        expect(await client.open(destinationRoot, 3), destinationRoot).toMatchObject({ _tag: "OpenFailed", ch: 3 })
+        // the session goes on: another channel opens on it
+        expect((await client.open(`~/fine-${++rootCounter}`, 4))._tag).toBe("Opened")
+        await other.check()
+        await other.client.close()
+        await client.close()
       }
     } finally {
       fs.unlinkSync(linkToHome)
@@ -562,15 +609,15 @@ describe("pipelined operations, applied concurrently", () => {
   })
 
   it("fast encodings are byte for byte the schema's; the fast Write decoding agrees with the schema", () => {
-    expect(encodeAck(7)).toBe(encodeDaemonMessage(new Ack({ seq: 7 })))
-    expect(encodeCredit(123456)).toBe(encodeDaemonMessage(new Credit({ bytes: 123456 })))
+    expect(encodeAck(2, 7)).toBe(encodeDaemonMessage(new Ack({ ch: 2, seq: 7 })))
+    expect(encodeCredit(0, 123456)).toBe(encodeDaemonMessage(new Credit({ ch: 0, bytes: 123456 })))
     const entries = [
       { path: "a", type: "dir" as const, size: 0, mtime: 1700000000123.456, mode: 0o755 },
       { path: "a/\"quoted\" ünïcode", type: "file" as const, size: 5, mtime: 1, mode: 0o4644 },
       { path: "a/l", type: "symlink" as const, size: 3, mtime: 2, mode: 0o777, target: "../x" }
     ]
     for (const done of [false, true]) {
-      expect(encodeManifestPage(3, entries, done)).toBe(encodeDaemonMessage(new Manifest({ seq: 3, entries, done })))
+      expect(encodeManifestPage(1, 3, entries, done)).toBe(encodeDaemonMessage(new Manifest({ ch: 1, seq: 3, entries, done })))
     }
     const write = { _tag: "Write", seq: 1, path: "p", size: 2, mode: 0o644, mtime: 1.5 }
     const inputs = [
@@ -587,6 +634,9 @@ describe("pipelined operations, applied concurrently", () => {
       { ...write, mtime: "now" },
       { ...write, path: 5 },
       { ...write, path: undefined },
+      { ...write, ch: 3 },
+      { ...write, ch: -1 },
+      { ...write, ch: "1" },
       new Mkdir({ seq: 2, path: "d", mode: 0o755 })
     ]
     for (const input of inputs) {
@@ -653,10 +703,10 @@ describe("bad input is contained to its session", () => {
     await other.client.close()
   })
 
-  it("garbage binary frames: chunk for an unknown seq refused, a runt frame closes", async () => {
+  it("garbage binary frames: chunk for an unknown seq refused, a runt frame or an unopened channel closes", async () => {
     const other = await bystander()
     const { client, root } = await openSession()
-    client.sendRaw(Buffer.from([0, 0, 0, 42, 1, 2, 3]))
+    client.sendRaw(Buffer.from([0, 0, 0, 0, 0, 0, 0, 42, 1, 2, 3]))
     expect(await client.reply(42)).toMatchObject({ _tag: "OpFailed", code: "protocol" })
     // more bytes than announced
     client.send(new Write({ seq: 43, path: "short.txt", size: 2, mode: 0o644, mtime: Date.now() }))
@@ -666,6 +716,9 @@ describe("bad input is contained to its session", () => {
     expect(listTemps(root)).toEqual([])
     client.sendRaw(Buffer.from([1, 2]))
     expect((await client.closed).code).toBe(1002)
+    const stray = (await openSession()).client
+    stray.sendChunk(1, Buffer.from("x"), 9)
+    expect((await stray.closed).code).toBe(1002)
     await other.check()
     await other.client.close()
   })
@@ -686,7 +739,7 @@ describe("bad input is contained to its session", () => {
     const home = tempDir("sicksync-heartbeat-")
     const d = await startDaemon({ home, heartbeatIntervalMs: 50, heartbeatTimeoutMs: 200 })
     const client = await DaemonClient.connect(d.port, { autoPong: false })
-    expect((await client.hello({ token: d.token, destinationRoot: "~/x" }))._tag).toBe("Welcome")
+    expect((await client.helloAndOpen({ token: d.token, destinationRoot: "~/x" }))._tag).toBe("Opened")
     expect((await client.closed).code).toBe(1006)
     await Effect.runPromise(Fiber.interrupt(d.fiber))
   })
@@ -767,7 +820,7 @@ describe("lifecycle", () => {
     const home = tempDir("sicksync-grace-")
     const d = await startDaemon({ home, graceMs: 300 })
     const client = await DaemonClient.connect(d.port)
-    expect((await client.hello({ token: d.token, destinationRoot: "~/x" }))._tag).toBe("Welcome")
+    expect((await client.helloAndOpen({ token: d.token, destinationRoot: "~/x" }))._tag).toBe("Opened")
     await client.close()
     const exit = await eventually(() => d.fiber.unsafePoll() ?? undefined, 5_000, "daemon exit")
     expect(Exit.isSuccess(exit)).toBe(true)
@@ -789,12 +842,12 @@ describe("lifecycle", () => {
     const graceMs = 400
     const d = await startDaemon({ home, graceMs })
     const first = await DaemonClient.connect(d.port)
-    expect((await first.hello({ token: d.token, destinationRoot: "~/x" }))._tag).toBe("Welcome")
+    expect((await first.helloAndOpen({ token: d.token, destinationRoot: "~/x" }))._tag).toBe("Opened")
     await first.close()
     // the daemon has seen the first session end, so the reconnect really lands inside the grace
     await eventually(() => d.logs.some((l) => /closed \(code 1000/.test(l)), 5_000, "the first session's end")
     const second = await DaemonClient.connect(d.port)
-    expect((await second.hello({ token: d.token, destinationRoot: "~/x" }))._tag).toBe("Welcome")
+    expect((await second.helloAndOpen({ token: d.token, destinationRoot: "~/x" }))._tag).toBe("Opened")
     // well past the grace measured from the first client's departure: still serving
     await new Promise((r) => setTimeout(r, graceMs * 2))
     expect(d.fiber.unsafePoll()).toBeNull()
@@ -915,7 +968,7 @@ describe("start-daemon", () => {
 
     // it serves
     const client = await DaemonClient.connect(state.port)
-    expect((await client.hello({ token: state.token, destinationRoot: "~/p" }))._tag).toBe("Welcome")
+    expect((await client.helloAndOpen({ token: state.token, destinationRoot: "~/p" }))._tag).toBe("Opened")
     expect(await client.write(1, "f.txt", Buffer.from("hi"))).toMatchObject({ _tag: "Ack" })
     await client.close()
 
@@ -947,7 +1000,7 @@ describe("start-daemon", () => {
     expect(line.started).toBe(true)
     const state = readDaemonState(home)!
     const client = await DaemonClient.connect(state.port)
-    expect((await client.hello({ token: state.token, destinationRoot: "~/p" }))._tag).toBe("Welcome")
+    expect((await client.helloAndOpen({ token: state.token, destinationRoot: "~/p" }))._tag).toBe("Opened")
     expect(await client.op(new Mkdir({ seq: 1, path: "d", mode: 0o755 }))).toMatchObject({ _tag: "Ack" })
     await client.close()
     await eventually(() => isGone(line.pid), 5_000, "daemon exit after the grace")

@@ -138,7 +138,7 @@ describe("sicksync --all: three projects × two hosts in one process", () => {
     }
   }, 60_000)
 
-  it("starts every project of the registry, one SSH login and one daemon per host, and syncs edits everywhere", async () => {
+  it("starts every project of the registry, one SSH login, one daemon and one daemon session per host, and syncs edits everywhere", async () => {
     // From a directory that is no project: --all reads the registry.
     client = start(["--all"], { cwd: base, home, env })
     await client.waitFor(/syncing 3 projects/, 30_000)
@@ -146,6 +146,12 @@ describe("sicksync --all: three projects × two hosts in one process", () => {
     // Every destination of every project shares its host's one SSH connection and one daemon.
     expect(hosts.map((h) => h.log().split("\n").filter((l) => l.includes("Accepted publickey")).length)).toEqual([1, 1])
     for (const h of hosts) expect(daemonsOf(h)).toHaveLength(1)
+    // ... and one daemon session, on which each project has its channel (its destination root).
+    const daemonLog = (h: Sshd) => fs.readFileSync(path.join(h.home, ".sicksync", "logs", "daemon.log"), "utf8").split("\n")
+    for (const h of hosts) {
+      expect(daemonLog(h).filter((l) => /session \w+: opened \(client/.test(l))).toHaveLength(1)
+      expect(daemonLog(h).filter((l) => /session \w+\/\d+: opened \(project/.test(l))).toHaveLength(3)
+    }
 
     for (const name of NAMES) {
       write(projects[name], "src/index.ts", `export const project = "${name}"\n`)

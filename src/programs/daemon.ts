@@ -1,6 +1,7 @@
 /**
  * The remote daemon (`sicksync daemon`): a WebSocket server on 127.0.0.1 serving many sessions at once,
- * one per (client, destination). See DESIGN §3/§4 and `schemas/Protocol.ts`.
+ * one per client process, each carrying one channel per destination root. See DESIGN §3/§4 and
+ * `schemas/Protocol.ts`.
  *
  * Lifecycle: ~/.sicksync (0700) → lock (O_EXCL, pid) → listen → daemon.json (0600, atomic) → ready signal
  * on `--ready-fd` → serve until no authenticated session for `graceMs` (or SIGINT/SIGTERM) → finalizers
@@ -29,8 +30,8 @@ import * as os from "node:os"
 import * as path from "node:path"
 import { type RawData, WebSocket, WebSocketServer } from "ws"
 import {
-  type Abort,
-  type ClientMessage,
+  CHUNK_HEADER_BYTES,
+  Closed,
   type DaemonMessage,
   type DaemonState,
   DaemonState as DaemonStateSchema,
@@ -40,6 +41,10 @@ import {
   type Hello,
   type ManifestEntry,
   MAX_FRAME_BYTES,
+  type Open,
+  Opened,
+  OpenFailed,
+  type Operation,
   OpFailed,
   type OpErrorCode,
   PROTOCOL_VERSION,
@@ -361,18 +366,42 @@ interface Frame {
   readonly data: Buffer
 }
 
+/** A text frame as routed to its channel, decoded once by the session. */
+interface TextFrame {
+  readonly binary: false
+  readonly bytes: number
+  readonly text: string
+  readonly decoded: ReturnType<typeof decodeClientMessageFast>
+}
+type ChannelFrame = { readonly binary: true; readonly data: Buffer } | TextFrame
+
 /** Per-connection state shared between ws callbacks and the session fiber. */
 interface Connection {
   readonly id: string
   readonly ws: WebSocket
+  /** Every frame, in order; the session fiber routes them to their channels. */
   readonly frames: Mailbox.Mailbox<Frame>
+  readonly channels: Map<number, Channel>
   lastSeen: number
+  /** Bytes received and not yet routed. */
   queuedBinary: number
   queuedText: number
   overflow: boolean
   /** How the socket closed: the code ws sent after rejecting a frame, else the closing handshake's. */
   closeCode: number | undefined
   error: string | undefined
+}
+
+/** One destination root of a session, with its own frames, window and ordering. */
+interface Channel {
+  readonly ch: number
+  /** For logs: `session/channel`. */
+  readonly id: string
+  readonly ws: WebSocket
+  readonly frames: Mailbox.Mailbox<ChannelFrame>
+  /** Bytes routed here and neither consumed nor credited. */
+  queuedBinary: number
+  queuedText: number
 }
 
 interface SessionContext {
@@ -384,9 +413,12 @@ interface SessionContext {
   readonly helloTimeoutMs: number
 }
 
-/** Binary bytes a well-behaved client can have queued here: its window plus frame slack. */
+/** Binary bytes a well-behaved client can have queued on a channel: its window plus frame slack. */
 const MAX_QUEUED_BINARY = WINDOW_BYTES + 2 * MAX_FRAME_BYTES
 const MAX_QUEUED_TEXT = 64 * 1024 * 1024
+/** Frames are routed as they come; this only bounds a session whose router falls far behind. */
+const MAX_UNROUTED = 8 * MAX_QUEUED_BINARY
+const MAX_CHANNELS = 4096
 const MAX_OPEN_WRITES = 256
 const MAX_REMEMBERED_FAILED = 4096
 const MANIFEST_PAGE = 1000
@@ -487,7 +519,7 @@ const heartbeat = (conn: Connection, ctx: SessionContext) =>
 
 type Next = "continue" | "close"
 
-/** Reads the first frame: must be a valid Hello with our protocol version and token, and a usable root. */
+/** Reads the first frame: must be a valid Hello with our protocol version and token. */
 const handshake = (conn: Connection, ctx: SessionContext) =>
   Effect.gen(function*() {
     const { ws } = conn
@@ -496,7 +528,7 @@ const handshake = (conn: Connection, ctx: SessionContext) =>
         yield* send(ws, new Rejected({ reason, message }))
         closeSocket(ws, 1008, `rejected: ${reason}`)
         yield* Effect.logWarning(`session ${conn.id}: rejected (${reason}): ${message}`)
-        return Option.none<{ readonly hello: Hello; readonly root: string }>()
+        return Option.none<Hello>()
       })
     const first = yield* Effect.either(conn.frames.take).pipe(Effect.timeoutOption(ctx.helloTimeoutMs))
     if (Option.isNone(first)) {
@@ -527,10 +559,7 @@ const handshake = (conn: Connection, ctx: SessionContext) =>
     if (Either.isLeft(decoded) || decoded.right._tag !== "Hello") {
       return yield* reject("bad-hello", "malformed Hello")
     }
-    const hello = decoded.right
-    const root = yield* Effect.either(ctx.fsApi.resolveRoot(hello.destinationRoot))
-    if (Either.isLeft(root)) return yield* reject("root", root.left.message)
-    return Option.some({ hello, root: root.right })
+    return Option.some(decoded.right)
   })
 
 // ---- ordering ------------------------------------------------------------------------------------
@@ -688,19 +717,19 @@ const makePermits = (permits: number) => {
 // Byte for byte what `encodeDaemonMessage` produces (tested), without validating values we made ourselves:
 // Schema encoding costs ~10-40 µs per message, a noticeable share of a small file's budget.
 
-/** `encodeDaemonMessage(new Ack({ seq }))`. */
-export const encodeAck = (seq: number): string => `{"seq":${seq},"_tag":"Ack"}`
-/** `encodeDaemonMessage(new Credit({ bytes }))`. */
-export const encodeCredit = (bytes: number): string => `{"bytes":${bytes},"_tag":"Credit"}`
-/** `encodeDaemonMessage(new Manifest({ seq, entries, done }))` for entries built by `DestinationFs.manifestPages`. */
-export const encodeManifestPage = (seq: number, entries: ReadonlyArray<ManifestEntry>, done: boolean): string =>
-  `{"seq":${seq},"entries":${JSON.stringify(entries)},"done":${done},"_tag":"Manifest"}`
+/** `encodeDaemonMessage(new Ack({ ch, seq }))`. */
+export const encodeAck = (ch: number, seq: number): string => `{"ch":${ch},"seq":${seq},"_tag":"Ack"}`
+/** `encodeDaemonMessage(new Credit({ ch, bytes }))`. */
+export const encodeCredit = (ch: number, bytes: number): string => `{"ch":${ch},"bytes":${bytes},"_tag":"Credit"}`
+/** `encodeDaemonMessage(new Manifest({ ch, seq, entries, done }))` for entries built by `DestinationFs.manifestPages`. */
+export const encodeManifestPage = (ch: number, seq: number, entries: ReadonlyArray<ManifestEntry>, done: boolean): string =>
+  `{"ch":${ch},"seq":${seq},"entries":${JSON.stringify(entries)},"done":${done},"_tag":"Manifest"}`
 
 const isSeq = (n: unknown): n is number => typeof n === "number" && Number.isSafeInteger(n) && n >= 0 && n <= 0xffffffff
 
 /**
  * `decodeClientMessage` with a fast path for the frequent `Write` header: the checks of its schema (seq
- * 0..2^32-1, path a string, size a non-negative integer, mode 0..0o7777, mtime a number; other fields
+ * 0..2^32-1, ch likewise or absent, path a string, size a non-negative integer, mode 0..0o7777, mtime a number; other fields
  * ignored) done by hand, ~20x cheaper. Anything else, or a Write failing them, goes through the schema.
  */
 export const decodeClientMessageFast = (text: string): ReturnType<typeof decodeClientMessage> => {
@@ -711,12 +740,13 @@ export const decodeClientMessageFast = (text: string): ReturnType<typeof decodeC
     return decodeClientMessage(text)
   }
   if (typeof json === "object" && json !== null && (json as { _tag?: unknown })._tag === "Write") {
-    const { mode, mtime, path: p, seq, size } = json as Record<string, unknown>
+    const { ch = 0, mode, mtime, path: p, seq, size } = json as Record<string, unknown>
     if (
-      isSeq(seq) && typeof p === "string" && typeof size === "number" && Number.isSafeInteger(size) && size >= 0 &&
-      typeof mode === "number" && Number.isSafeInteger(mode) && mode >= 0 && mode <= 0o7777 && typeof mtime === "number"
+      isSeq(ch) && isSeq(seq) && typeof p === "string" && typeof size === "number" && Number.isSafeInteger(size) &&
+      size >= 0 && typeof mode === "number" && Number.isSafeInteger(mode) && mode >= 0 && mode <= 0o7777 &&
+      typeof mtime === "number"
     ) {
-      return Either.right(new Write({ seq, path: p, size, mode, mtime }, true))
+      return Either.right(new Write({ ch, seq, path: p, size, mode, mtime }, true))
     }
   }
   return decodeClientMessage(text)
@@ -783,14 +813,14 @@ const STOPPED = Symbol("stopped")
  * When the client simply leaves, what arrived in full is still applied first, as when operations ran
  * one by one.
  */
-const operations = (conn: Connection, ctx: SessionContext, root: string) =>
+const operations = (chan: Channel, ctx: SessionContext, root: string) =>
   Effect.gen(function*() {
     const { fsApi } = ctx
-    const { ws } = conn
+    const { ch, ws } = chan
     const runtime = yield* Effect.runtime<never>()
     const runExit = Runtime.runPromiseExit(runtime)
     const runSync = Runtime.runSync(runtime)
-    const warnNow = (message: string) => runSync(Effect.logWarning(`session ${conn.id}: ${message}`))
+    const warnNow = (message: string) => runSync(Effect.logWarning(`session ${chan.id}: ${message}`))
 
     const permits = makePermits(CONCURRENCY)
     /** Writes by seq, from header to reply; one the frame loop gave up on leaves early (see `failWrite`). */
@@ -900,7 +930,7 @@ const operations = (conn: Connection, ctx: SessionContext, root: string) =>
     let creditPending = 0
     const flushCredit = () => {
       if (creditPending > 0) {
-        post(encodeCredit(creditPending))
+        post(encodeCredit(ch, creditPending))
         creditPending = 0
       }
     }
@@ -930,22 +960,22 @@ const operations = (conn: Connection, ctx: SessionContext, root: string) =>
     /** Returns window: `bytes` of chunk payload held here are on disk (or dropped). */
     const release = (bytes: number) => {
       if (bytes <= 0) return
-      conn.queuedBinary -= bytes
+      chan.queuedBinary -= bytes
       creditPending += bytes
       scheduleFlush()
     }
     /** Credits bytes that were never held (dropped as they came). */
     const creditNow = (bytes: number) => {
-      conn.queuedBinary += bytes
+      chan.queuedBinary += bytes
       release(bytes)
     }
     const ack = (seq: number) => {
       flushCredit()
-      post(encodeAck(seq))
+      post(encodeAck(ch, seq))
     }
     const opFailed = (seq: number, code: OpErrorCode, message: string) => {
       flushCredit()
-      post(encodeDaemonMessage(new OpFailed({ seq, code, message })))
+      post(encodeDaemonMessage(new OpFailed({ ch, seq, code, message })))
     }
     const failNow = (seq: number, code: OpErrorCode, message: string) => {
       markFailed(seq)
@@ -968,8 +998,8 @@ const operations = (conn: Connection, ctx: SessionContext, root: string) =>
       unfinished++
       body()
         .catch((defect: unknown) => {
-          runSync(Effect.logError(`session ${conn.id}: operation failed: ${String(defect).split("\n")[0]}`))
-          conn.ws.terminate()
+          runSync(Effect.logError(`session ${chan.id}: operation failed: ${String(defect).split("\n")[0]}`))
+          chan.ws.terminate()
         })
         .finally(() => {
           if (slot.ready) {
@@ -1092,17 +1122,17 @@ const operations = (conn: Connection, ctx: SessionContext, root: string) =>
               Effect.suspend(() => {
                 const pending = previous
                 previous = page
-                return pending === undefined ? Effect.void : sendAwait(ws, encodeManifestPage(seq, pending, false))
+                return pending === undefined ? Effect.void : sendAwait(ws, encodeManifestPage(ch, seq, pending, false))
               })
             )
           )
         )
         if (Either.isLeft(walked)) return opFailed(seq, "io", walked.left.message)
-        yield* sendAwait(ws, encodeManifestPage(seq, previous ?? [], true))
+        yield* sendAwait(ws, encodeManifestPage(ch, seq, previous ?? [], true))
         ack(seq)
       })
 
-    const startOperation = (message: Exclude<ClientMessage, Hello | Abort>) => {
+    const startOperation = (message: Operation) => {
       const { seq } = message
       if (unfinished >= MAX_UNFINISHED || (message._tag === "Write" && writes.size >= MAX_OPEN_WRITES)) {
         const why = message._tag === "Write" && writes.size >= MAX_OPEN_WRITES
@@ -1151,11 +1181,9 @@ const operations = (conn: Connection, ctx: SessionContext, root: string) =>
       }
     }
 
-    type Handled = Next | { readonly start: Exclude<ClientMessage, Hello | Abort> }
+    type Handled = Next | { readonly start: Operation }
 
-    const onText = (data: Buffer): Handled => {
-      const text = data.toString("utf8")
-      const decoded = decodeClientMessageFast(text)
+    const onText = ({ decoded, text }: TextFrame): Handled => {
       if (Either.isLeft(decoded)) {
         const json = looseJson(text)
         const seq = looseSeq(json)
@@ -1169,7 +1197,9 @@ const operations = (conn: Connection, ctx: SessionContext, root: string) =>
         return "continue"
       }
       const message = decoded.right
-      if (message._tag === "Hello") return protocolClose("Hello after the handshake")
+      if (message._tag === "Hello" || message._tag === "Open" || message._tag === "Close") {
+        return protocolClose(`${message._tag} routed to a channel`) // the session handles these
+      }
       if (message._tag === "Abort") {
         const open = writes.get(message.seq)
         // once every byte has arrived the write goes through: it may well be on disk already
@@ -1185,7 +1215,7 @@ const operations = (conn: Connection, ctx: SessionContext, root: string) =>
 
     const onBinary = (data: Buffer): Next => {
       const chunk = decodeChunk(data)
-      if (chunk === undefined) return protocolClose("binary frame shorter than 4 bytes")
+      if (chunk === undefined) return protocolClose(`binary frame shorter than its ${CHUNK_HEADER_BYTES}-byte header`)
       const { payload, seq } = chunk
       const w = writes.get(seq)
       if (w === undefined || w.received === w.size) {
@@ -1205,7 +1235,7 @@ const operations = (conn: Connection, ctx: SessionContext, root: string) =>
       w.received += payload.byteLength
       if (payload.byteLength > 0) {
         // held until written: counted against the window like bytes still queued
-        conn.queuedBinary += payload.byteLength
+        chan.queuedBinary += payload.byteLength
         w.chunks.push(payload)
         w.buffered += payload.byteLength
       }
@@ -1224,11 +1254,11 @@ const operations = (conn: Connection, ctx: SessionContext, root: string) =>
 
     // Frames are taken in batches and handled synchronously; only a lack of room makes the loop wait.
     while (true) {
-      const [frames, done] = yield* conn.frames.takeAll
+      const [frames, done] = yield* chan.frames.takeAll
       for (const frame of frames) {
-        if (frame.binary) conn.queuedBinary -= frame.data.byteLength
-        else conn.queuedText -= frame.data.byteLength
-        const handled = frame.binary ? onBinary(frame.data) : onText(frame.data)
+        if (frame.binary) chan.queuedBinary -= frame.data.byteLength
+        else chan.queuedText -= frame.bytes
+        const handled = frame.binary ? onBinary(frame.data) : onText(frame)
         if (handled === "close") return
         if (handled !== "continue") {
           if (!hasRoom()) yield* room
@@ -1245,25 +1275,145 @@ const operations = (conn: Connection, ctx: SessionContext, root: string) =>
     flushCredit()
   })
 
+/** Opens a channel's root and applies its operations until it closes; `Closed` tells the client it is done. */
+const channel = (conn: Connection, chan: Channel, open: Open, ctx: SessionContext) =>
+  Effect.gen(function*() {
+    const { ch, ws } = chan
+    const root = yield* Effect.either(ctx.fsApi.resolveRoot(open.destinationRoot))
+    if (Either.isLeft(root)) {
+      conn.channels.delete(ch)
+      yield* send(ws, new OpenFailed({ ch, message: root.left.message }))
+      return yield* Effect.logWarning(
+        `session ${chan.id}: cannot open ${JSON.stringify(open.destinationRoot)} (project ${JSON.stringify(open.project)}): ${root.left.message}`
+      )
+    }
+    yield* send(ws, new Opened({ ch, root: root.right }))
+    yield* Effect.logInfo(`session ${chan.id}: opened (project ${JSON.stringify(open.project)}, root ${root.right})`)
+    yield* Effect.scoped(operations(chan, ctx, root.right))
+    yield* send(ws, new Closed({ ch }))
+    yield* Effect.logInfo(`session ${chan.id}: closed`)
+  }).pipe(
+    Effect.ensuring(Effect.sync(() => conn.channels.get(chan.ch) === chan && conn.channels.delete(chan.ch))),
+    Effect.catchAllCause((cause) =>
+      Cause.isInterruptedOnly(cause)
+        ? Effect.void
+        : Effect.zipRight(
+          Effect.logError(`session ${chan.id}: failed: ${Cause.pretty(cause).split("\n")[0]}`),
+          Effect.sync(() => conn.ws.terminate())
+        )
+    )
+  )
+
+type Routed = Next | { readonly open: Open }
+
+/**
+ * Routes the frames of an authenticated session to their channels, in order, and opens and closes
+ * channels; when the session ends every channel applies what reached it in full, then it returns.
+ */
+const channels = (conn: Connection, ctx: SessionContext) =>
+  Effect.gen(function*() {
+    const runSync = Runtime.runSync(yield* Effect.runtime<never>())
+    const running = yield* FiberSet.make()
+    const protocolClose = (message: string): Next => {
+      runSync(Effect.logWarning(`session ${conn.id}: ${message}; closing session`))
+      closeSocket(conn.ws, 1002, message.slice(0, 120))
+      return "close"
+    }
+    const deliver = (ch: number, frame: ChannelFrame): Routed => {
+      const chan = conn.channels.get(ch)
+      if (chan === undefined) return protocolClose(`message on channel ${ch}, which is not open`)
+      if (frame.binary) chan.queuedBinary += frame.data.byteLength
+      else chan.queuedText += frame.bytes
+      if (chan.queuedBinary > MAX_QUEUED_BINARY || chan.queuedText > MAX_QUEUED_TEXT) {
+        conn.error = `client exceeded the flow-control window of channel ${ch}`
+        closeSocket(conn.ws, 1008, "flow-control window exceeded")
+        return "close"
+      }
+      if (!chan.frames.unsafeOffer(frame)) return protocolClose(`message on channel ${ch} after its Close`)
+      return "continue"
+    }
+    const route = (frame: Frame): Routed => {
+      if (frame.binary) {
+        if (frame.data.byteLength < CHUNK_HEADER_BYTES) {
+          return protocolClose(`binary frame shorter than its ${CHUNK_HEADER_BYTES}-byte header`)
+        }
+        return deliver(frame.data.readUInt32BE(0), { binary: true, data: frame.data })
+      }
+      const text = frame.data.toString("utf8")
+      const decoded = decodeClientMessageFast(text)
+      let ch: unknown
+      if (Either.isRight(decoded)) {
+        const message = decoded.right
+        switch (message._tag) {
+          case "Hello":
+            return protocolClose("Hello after the handshake")
+          case "Open":
+            if (conn.channels.has(message.ch)) return protocolClose(`Open of channel ${message.ch}, which is open`)
+            if (conn.channels.size >= MAX_CHANNELS) return protocolClose(`more than ${MAX_CHANNELS} channels`)
+            return { open: message }
+          case "Close": {
+            const chan = conn.channels.get(message.ch)
+            // closing a channel that is not open (its Open failed, say) is already done
+            if (chan === undefined) sendText(conn.ws, encodeDaemonMessage(new Closed({ ch: message.ch })))
+            else chan.frames.unsafeDone(Exit.void)
+            return "continue"
+          }
+        }
+        ch = message.ch
+      } else {
+        // the channel answers for a message it cannot read, if the message says which channel it is
+        const json = looseJson(text)
+        if (json === undefined) return protocolClose("invalid JSON text frame")
+        ch = json.ch ?? 0
+        if (!isSeq(ch)) return protocolClose(`invalid channel in a message (tag ${describeTag(json)})`)
+      }
+      return deliver(ch as number, { binary: false, bytes: frame.data.byteLength, text, decoded })
+    }
+    const endChannels = Effect.sync(() => {
+      for (const chan of conn.channels.values()) chan.frames.unsafeDone(Exit.void)
+    })
+    yield* Effect.addFinalizer(() => endChannels)
+
+    route: while (true) {
+      const [frames, done] = yield* conn.frames.takeAll
+      for (const frame of frames) {
+        if (frame.binary) conn.queuedBinary -= frame.data.byteLength
+        else conn.queuedText -= frame.data.byteLength
+        const routed = route(frame)
+        if (routed === "close") break route
+        if (routed !== "continue") {
+          const { ch } = routed.open
+          const chan: Channel = {
+            ch,
+            id: `${conn.id}/${ch}`,
+            ws: conn.ws,
+            frames: yield* Mailbox.make<ChannelFrame>(),
+            queuedBinary: 0,
+            queuedText: 0
+          }
+          conn.channels.set(ch, chan)
+          yield* FiberSet.run(running, channel(conn, chan, routed.open, ctx))
+        }
+      }
+      if (done) break
+    }
+    yield* endChannels
+    yield* FiberSet.awaitEmpty(running)
+  })
+
 const session = (conn: Connection, ctx: SessionContext) =>
   Effect.gen(function*() {
     yield* Effect.addFinalizer(() => Effect.sync(() => closeSocket(conn.ws, 1001, "session ended")))
     yield* Effect.forkScoped(heartbeat(conn, ctx))
-    const accepted = yield* handshake(conn, ctx)
-    if (Option.isNone(accepted)) return
-    const { hello, root } = accepted.value
+    const hello = yield* handshake(conn, ctx)
+    if (Option.isNone(hello)) return
     yield* Effect.acquireRelease(
       SubscriptionRef.update(ctx.clients, (n) => n + 1),
       () => SubscriptionRef.update(ctx.clients, (n) => n - 1)
     )
-    yield* send(
-      conn.ws,
-      new Welcome({ protocolVersion: PROTOCOL_VERSION, daemonVersion: VERSION, sessionId: conn.id, root })
-    )
-    yield* Effect.logInfo(
-      `session ${conn.id}: opened (client ${JSON.stringify(hello.clientId)}, project ${JSON.stringify(hello.project)}, root ${root})`
-    )
-    yield* operations(conn, ctx, root)
+    yield* send(conn.ws, new Welcome({ protocolVersion: PROTOCOL_VERSION, daemonVersion: VERSION, sessionId: conn.id }))
+    yield* Effect.logInfo(`session ${conn.id}: opened (client ${JSON.stringify(hello.value.clientId)})`)
+    yield* channels(conn, ctx)
     const how = conn.closeCode === undefined ? "ended" : `closed (code ${conn.closeCode}${conn.error ? `: ${conn.error}` : ""})`
     if (conn.error !== undefined) yield* Effect.logWarning(`session ${conn.id}: ${how}`)
     else yield* Effect.logInfo(`session ${conn.id}: ${how}`)
@@ -1334,6 +1484,7 @@ export const runDaemon = (
         id: randomHex(4),
         ws,
         frames: runSync(Mailbox.make<Frame>()),
+        channels: new Map(),
         lastSeen: Date.now(),
         queuedBinary: 0,
         queuedText: 0,
@@ -1348,7 +1499,7 @@ export const runDaemon = (
         const data = toBuffer(raw)
         if (isBinary) conn.queuedBinary += data.byteLength
         else conn.queuedText += data.byteLength
-        if (conn.queuedBinary > MAX_QUEUED_BINARY || conn.queuedText > MAX_QUEUED_TEXT) {
+        if (conn.queuedBinary > MAX_UNROUTED || conn.queuedText > MAX_QUEUED_TEXT) {
           conn.overflow = true
           conn.error = "client exceeded the flow-control window"
           closeSocket(ws, 1008, "flow-control window exceeded")

@@ -494,7 +494,7 @@ export const makeDestinationWorker = (
         const outcome = yield* Effect.scoped(
           Effect.gen(function* () {
             const session = yield* connect
-            yield* Effect.log(`connected to ${session.welcome.root}`)
+            yield* Effect.log(`connected to ${session.root}`)
             // Whatever changed while we were away — or before we started — is found by comparing.
             yield* requestReconcile((yield* Clock.currentTimeMillis) - SCAN_REUSE_MS)
             return yield* Effect.raceFirst(pump(session), Effect.flatMap(session.closed, Effect.fail))

@@ -1,25 +1,34 @@
 /**
- * The sicksync wire protocol, spoken over one WebSocket per (client, destination) session.
+ * The sicksync wire protocol: one WebSocket per (client process, daemon), carrying one channel per
+ * destination root that client syncs there — every project and destination of a `sicksync --all`
+ * on one host shares one session.
  *
- * Control messages are JSON text frames decoded with `ClientMessage` / `DaemonMessage`.
- * File contents travel in binary frames: a 4-byte big-endian sequence number naming the
- * `Write` they belong to, then raw bytes. A `Write { size }` is followed by binary frames
- * for its seq whose payloads add up to exactly `size` (none for an empty file).
+ * Control messages are JSON text frames decoded with `ClientMessage` / `DaemonMessage`. The first
+ * is `Hello` (token) → `Welcome`; then `Open { ch, destinationRoot }` → `Opened { ch, root }` (or
+ * `OpenFailed`) starts a channel, `Close { ch }` → `Closed { ch }` ends it once everything sent on
+ * it has been applied. Channel numbers are the client's, never reused within a session; every
+ * channel message names its `ch` (absent means 0).
  *
- * Flow control: the daemon returns `Credit { bytes }` once it has put chunk bytes on disk;
- * the client keeps at most `WINDOW_BYTES` of unacknowledged chunk bytes in flight, so a
- * slow disk on the remote bounds memory on both sides instead of piling up in socket buffers.
+ * File contents travel in binary frames: a 4-byte big-endian channel, a 4-byte big-endian sequence
+ * number naming the `Write` they belong to, then raw bytes. A `Write { size }` is followed by
+ * binary frames for its seq whose payloads add up to exactly `size` (none for an empty file).
  *
- * Every operation carries a client-chosen `seq` and is answered by exactly one `Ack { seq }`
- * or `OpFailed { seq }`, in the order operations complete. Operations are applied as if in the
- * order they were sent: one never runs before an earlier one on the same path, an ancestor or a
- * descendant (independent ones run concurrently). A client sends a `Write`'s chunks before the
- * chunks of any later `Write` to the same, an ancestor or a descendant path.
+ * Flow control, per channel: the daemon returns `Credit { ch, bytes }` once it has put chunk bytes
+ * on disk; the client keeps at most `WINDOW_BYTES` of unacknowledged chunk bytes in flight per
+ * channel, so a slow disk on the remote bounds memory on both sides, and one channel's backlog
+ * never holds up another's.
+ *
+ * Every operation carries a client-chosen `seq` (unique within its channel) and is answered by
+ * exactly one `Ack { ch, seq }` or `OpFailed { ch, seq }`, in the order operations complete.
+ * Operations of a channel are applied as if in the order they were sent: one never runs before an
+ * earlier one on the same path, an ancestor or a descendant (independent ones run concurrently).
+ * A client sends a `Write`'s chunks before the chunks of any later `Write` to the same, an ancestor
+ * or a descendant path. Channels are independent of each other.
  * Liveness uses WebSocket ping/pong control frames in both directions.
  */
 import { Either, Schema } from "effect"
 
-export const PROTOCOL_VERSION = 1
+export const PROTOCOL_VERSION = 2
 
 /** Payload bytes per binary frame. */
 export const CHUNK_BYTES = 1024 * 1024
@@ -29,6 +38,8 @@ export const MAX_FRAME_BYTES = CHUNK_BYTES + 64 * 1024
 export const WINDOW_BYTES = 8 * CHUNK_BYTES
 
 const Seq = Schema.Int.pipe(Schema.between(0, 0xffffffff))
+/** A channel of the session; absent on the wire means channel 0. */
+const Ch = Schema.optionalWith(Schema.Int.pipe(Schema.between(0, 0xffffffff)), { default: () => 0 })
 /** A path relative to the session's destination root, `/`-separated. Confinement is checked by the daemon. */
 const RelPath = Schema.String
 const Mode = Schema.Int.pipe(Schema.between(0, 0o7777))
@@ -40,13 +51,22 @@ const Mtime = Schema.Number
 export class Hello extends Schema.TaggedClass<Hello>()("Hello", {
   protocolVersion: Schema.Int,
   token: Schema.String,
-  clientId: Schema.String,
+  clientId: Schema.String
+}) {}
+
+/** Opens channel `ch` on a destination root. */
+export class Open extends Schema.TaggedClass<Open>()("Open", {
+  ch: Ch,
   project: Schema.String,
   /** As configured: absolute, or `~/`-relative to the daemon user's home. */
   destinationRoot: Schema.String
 }) {}
 
+/** Ends channel `ch` once what was sent on it has been applied; answered by `Closed`. */
+export class Close extends Schema.TaggedClass<Close>()("Close", { ch: Ch }) {}
+
 export class Write extends Schema.TaggedClass<Write>()("Write", {
+  ch: Ch,
   seq: Seq,
   path: RelPath,
   size: Schema.Int.pipe(Schema.nonNegative()),
@@ -55,9 +75,10 @@ export class Write extends Schema.TaggedClass<Write>()("Write", {
 }) {}
 
 /** Cancels a `Write` whose source changed while it was read; the daemon discards the partial file. */
-export class Abort extends Schema.TaggedClass<Abort>()("Abort", { seq: Seq }) {}
+export class Abort extends Schema.TaggedClass<Abort>()("Abort", { ch: Ch, seq: Seq }) {}
 
 export class Mkdir extends Schema.TaggedClass<Mkdir>()("Mkdir", {
+  ch: Ch,
   seq: Seq,
   path: RelPath,
   mode: Mode,
@@ -65,11 +86,12 @@ export class Mkdir extends Schema.TaggedClass<Mkdir>()("Mkdir", {
 }) {}
 
 /** Removes a file, symlink or whole directory tree. Removing a missing path succeeds. */
-export class Remove extends Schema.TaggedClass<Remove>()("Remove", { seq: Seq, path: RelPath }) {}
+export class Remove extends Schema.TaggedClass<Remove>()("Remove", { ch: Ch, seq: Seq, path: RelPath }) {}
 
-export class Rename extends Schema.TaggedClass<Rename>()("Rename", { seq: Seq, from: RelPath, to: RelPath }) {}
+export class Rename extends Schema.TaggedClass<Rename>()("Rename", { ch: Ch, seq: Seq, from: RelPath, to: RelPath }) {}
 
 export class Symlink extends Schema.TaggedClass<Symlink>()("Symlink", {
+  ch: Ch,
   seq: Seq,
   path: RelPath,
   target: Schema.String,
@@ -77,9 +99,9 @@ export class Symlink extends Schema.TaggedClass<Symlink>()("Symlink", {
 }) {}
 
 /** Asks for the state of the destination tree, for reconciliation. */
-export class ListManifest extends Schema.TaggedClass<ListManifest>()("ListManifest", { seq: Seq }) {}
+export class ListManifest extends Schema.TaggedClass<ListManifest>()("ListManifest", { ch: Ch, seq: Seq }) {}
 
-export const ClientMessage = Schema.Union(Hello, Write, Abort, Mkdir, Remove, Rename, Symlink, ListManifest)
+export const ClientMessage = Schema.Union(Hello, Open, Close, Write, Abort, Mkdir, Remove, Rename, Symlink, ListManifest)
 export type ClientMessage = typeof ClientMessage.Type
 export type Operation = Write | Mkdir | Remove | Rename | Symlink | ListManifest
 
@@ -88,29 +110,41 @@ export type Operation = Write | Mkdir | Remove | Rename | Symlink | ListManifest
 export class Welcome extends Schema.TaggedClass<Welcome>()("Welcome", {
   protocolVersion: Schema.Int,
   daemonVersion: Schema.String,
-  sessionId: Schema.String,
-  /** The destination root as resolved on the daemon's machine. */
-  root: Schema.String
+  sessionId: Schema.String
 }) {}
 
-export const RejectReason = Schema.Literal("protocol-version", "token", "root", "bad-hello")
+/** The session was refused: nothing more is read from it. */
+export const RejectReason = Schema.Literal("protocol-version", "token", "bad-hello")
 export class Rejected extends Schema.TaggedClass<Rejected>()("Rejected", {
   reason: RejectReason,
   message: Schema.String
 }) {}
 
-export class Ack extends Schema.TaggedClass<Ack>()("Ack", { seq: Seq }) {}
+export class Opened extends Schema.TaggedClass<Opened>()("Opened", {
+  ch: Ch,
+  /** The destination root as resolved on the daemon's machine. */
+  root: Schema.String
+}) {}
+
+/** The channel could not be opened (e.g. its root is unusable); the session goes on. */
+export class OpenFailed extends Schema.TaggedClass<OpenFailed>()("OpenFailed", { ch: Ch, message: Schema.String }) {}
+
+/** Everything sent on the channel has been applied and answered; its number is free. */
+export class Closed extends Schema.TaggedClass<Closed>()("Closed", { ch: Ch }) {}
+
+export class Ack extends Schema.TaggedClass<Ack>()("Ack", { ch: Ch, seq: Seq }) {}
 
 export const OpErrorCode = Schema.Literal("confinement", "io", "protocol", "aborted")
 export type OpErrorCode = typeof OpErrorCode.Type
 export class OpFailed extends Schema.TaggedClass<OpFailed>()("OpFailed", {
+  ch: Ch,
   seq: Seq,
   code: OpErrorCode,
   message: Schema.String
 }) {}
 
 /** Returns flow-control window: `bytes` of chunk payload have been written to disk. */
-export class Credit extends Schema.TaggedClass<Credit>()("Credit", { bytes: Schema.Int.pipe(Schema.nonNegative()) }) {}
+export class Credit extends Schema.TaggedClass<Credit>()("Credit", { ch: Ch, bytes: Schema.Int.pipe(Schema.nonNegative()) }) {}
 
 export const EntryType = Schema.Literal("file", "dir", "symlink")
 export const ManifestEntry = Schema.Struct({
@@ -125,12 +159,13 @@ export type ManifestEntry = typeof ManifestEntry.Type
 
 /** One page of a manifest; the last page of a `ListManifest` has `done: true` and is followed by its `Ack`. */
 export class Manifest extends Schema.TaggedClass<Manifest>()("Manifest", {
+  ch: Ch,
   seq: Seq,
   entries: Schema.Array(ManifestEntry),
   done: Schema.Boolean
 }) {}
 
-export const DaemonMessage = Schema.Union(Welcome, Rejected, Ack, OpFailed, Credit, Manifest)
+export const DaemonMessage = Schema.Union(Welcome, Rejected, Opened, OpenFailed, Closed, Ack, OpFailed, Credit, Manifest)
 export type DaemonMessage = typeof DaemonMessage.Type
 
 // ---- codecs ---------------------------------------------------------------------------------
@@ -168,12 +203,15 @@ export const decodeDaemonMessage = (text: string): Either.Either<DaemonMessage, 
     return decodeDaemonMessageSchema(text)
   }
   const m = json as Record<string, unknown> | null
-  if (m !== null && typeof m === "object") {
-    const keys = Object.keys(m).length
-    if (m._tag === "Ack" && keys === 2 && isSeq(m.seq)) return Either.right(m as unknown as Ack)
-    if (m._tag === "Credit" && keys === 2 && Number.isInteger(m.bytes) && (m.bytes as number) >= 0) return Either.right(m as unknown as Credit)
-    if (m._tag === "Manifest" && keys === 4 && isSeq(m.seq) && typeof m.done === "boolean" && Array.isArray(m.entries) && m.entries.every(isEntry)) {
-      return Either.right(m as unknown as Manifest)
+  if (m !== null && typeof m === "object" && (m.ch === undefined || isSeq(m.ch))) {
+    const keys = Object.keys(m).length - (m.ch === undefined ? 0 : 1)
+    const fast =
+      (m._tag === "Ack" && keys === 2 && isSeq(m.seq)) ||
+      (m._tag === "Credit" && keys === 2 && Number.isInteger(m.bytes) && (m.bytes as number) >= 0) ||
+      (m._tag === "Manifest" && keys === 4 && isSeq(m.seq) && typeof m.done === "boolean" && Array.isArray(m.entries) && m.entries.every(isEntry))
+    if (fast) {
+      m.ch ??= 0
+      return Either.right(m as unknown as Ack | Credit | Manifest)
     }
   }
   return decodeDaemonMessageSchema(text)
@@ -181,16 +219,22 @@ export const decodeDaemonMessage = (text: string): Either.Either<DaemonMessage, 
 export const encodeClientMessage = Schema.encodeSync(Schema.parseJson(ClientMessage))
 export const encodeDaemonMessage = Schema.encodeSync(Schema.parseJson(DaemonMessage))
 
-/** A binary frame: 4-byte big-endian seq, then payload bytes. */
-export const encodeChunk = (seq: number, payload: Uint8Array): Buffer => {
-  const frame = Buffer.allocUnsafe(4 + payload.byteLength)
-  frame.writeUInt32BE(seq, 0)
-  frame.set(payload, 4)
+/** Bytes before a binary frame's payload: channel and seq. */
+export const CHUNK_HEADER_BYTES = 8
+
+/** A binary frame: 4-byte big-endian channel, 4-byte big-endian seq, then payload bytes. */
+export const encodeChunk = (ch: number, seq: number, payload: Uint8Array): Buffer => {
+  const frame = Buffer.allocUnsafe(CHUNK_HEADER_BYTES + payload.byteLength)
+  frame.writeUInt32BE(ch, 0)
+  frame.writeUInt32BE(seq, 4)
+  frame.set(payload, CHUNK_HEADER_BYTES)
   return frame
 }
 
-export const decodeChunk = (frame: Buffer): { readonly seq: number; readonly payload: Buffer } | undefined =>
-  frame.byteLength < 4 ? undefined : { seq: frame.readUInt32BE(0), payload: frame.subarray(4) }
+export const decodeChunk = (frame: Buffer): { readonly ch: number; readonly seq: number; readonly payload: Buffer } | undefined =>
+  frame.byteLength < CHUNK_HEADER_BYTES
+    ? undefined
+    : { ch: frame.readUInt32BE(0), seq: frame.readUInt32BE(4), payload: frame.subarray(CHUNK_HEADER_BYTES) }
 
 // ---- daemon state file ----------------------------------------------------------------------
 

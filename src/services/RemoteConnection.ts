@@ -1,12 +1,13 @@
 /**
- * RemoteConnection: one authenticated WebSocket session to one destination root.
+ * RemoteConnection: sessions to destination roots, each a channel of the one authenticated WebSocket
+ * link this process keeps to the daemon of that destination's host.
  *
  * Operations are pipelined: `send` puts the frame on the wire at once (the daemon applies them as
  * if in the order they were sent, see Protocol.ts) and hands back an effect that waits for that
  * operation's ack, whenever it comes. File bytes are streamed in `CHUNK_BYTES` frames under a byte window that the
  * daemon refills with `Credit`, so neither side buffers more than `WINDOW_BYTES` per session.
  */
-import { Context, Data, Deferred, Duration, Effect, FiberId, Layer, type Scope } from "effect"
+import { Context, Data, Deferred, Duration, Effect, FiberId, Layer, RcMap, type Scope } from "effect"
 import { randomUUID } from "node:crypto"
 import WebSocket from "ws"
 import type { ResolvedDestination, ResolvedProject } from "../schemas/ConfigFile.js"
@@ -14,6 +15,8 @@ import { ConnectError, DaemonLocator, type Endpoint } from "./DaemonLocator.js"
 import {
   Abort,
   CHUNK_BYTES,
+  Close,
+  type DaemonMessage,
   decodeDaemonMessage,
   encodeChunk,
   encodeClientMessage,
@@ -21,11 +24,11 @@ import {
   ListManifest,
   type ManifestEntry,
   Mkdir,
+  Open,
   PROTOCOL_VERSION,
   Remove,
   Rename,
   Symlink,
-  type Welcome,
   WINDOW_BYTES,
   Write
 } from "../schemas/Protocol.js"
@@ -56,11 +59,12 @@ export class OperationFailed extends Data.TaggedError("OperationFailed")<{
 
 export type Ack = Effect.Effect<void, OperationFailed | ConnectionLost>
 
+type Input<T> = Omit<T, "seq" | "ch" | "_tag">
 export type OperationInput =
-  | Omit<Mkdir, "seq" | "_tag"> & { readonly _tag: "Mkdir" }
-  | Omit<Remove, "seq" | "_tag"> & { readonly _tag: "Remove" }
-  | Omit<Rename, "seq" | "_tag"> & { readonly _tag: "Rename" }
-  | Omit<Symlink, "seq" | "_tag"> & { readonly _tag: "Symlink" }
+  | Input<Mkdir> & { readonly _tag: "Mkdir" }
+  | Input<Remove> & { readonly _tag: "Remove" }
+  | Input<Rename> & { readonly _tag: "Rename" }
+  | Input<Symlink> & { readonly _tag: "Symlink" }
 
 export interface FileSource {
   readonly path: string
@@ -75,8 +79,10 @@ export interface FileSource {
   ) => Effect.Effect<void, ConnectionLost | SourceChanged | SourceUnreadable>
 }
 
+/** One destination root, open on the daemon (a channel of the host's shared link). */
 export interface Session {
-  readonly welcome: Welcome
+  /** The destination root as resolved on the daemon's machine. */
+  readonly root: string
   /** Sends one operation now; the returned effect waits for its ack. */
   readonly send: (op: OperationInput) => Effect.Effect<Ack, ConnectionLost>
   /**
@@ -112,45 +118,46 @@ interface Pending {
   readonly entries?: Array<ManifestEntry>
 }
 
-/** Opens one session; it is closed (with code 1000) when the scope closes. */
-export const openSession = (
-  dest: ResolvedDestination,
-  project: ResolvedProject,
+/** What the link needs of a channel: the daemon's replies on it, and the news that the link is gone. */
+interface ChannelHandler {
+  readonly onMessage: (message: DaemonMessage) => void
+  readonly lose: (message: string) => void
+}
+
+/**
+ * One authenticated WebSocket session to a daemon, shared by every destination a process syncs on
+ * that daemon's host: each opens a channel on it (`open`).
+ */
+export interface Link {
+  readonly open: (dest: ResolvedDestination, project: ResolvedProject) => Effect.Effect<Session, ConnectError, Scope.Scope>
+  /** Completes when the link is gone (all its channels are lost with it). */
+  readonly closed: Effect.Effect<void>
+}
+
+/** Opens a link (`label` names it in errors); it is closed (with code 1000) when the scope closes. */
+export const openLink = (
+  label: string,
   endpoint: Endpoint,
   options: SessionOptions = defaults
-): Effect.Effect<Session, ConnectError, Scope.Scope> =>
+): Effect.Effect<Link, ConnectError, Scope.Scope> =>
   Effect.gen(function* () {
-    const destName = dest.name
-    const pending = new Map<number, Pending>()
-    const closed = yield* Deferred.make<ConnectionLost>()
-    let nextSeq = 1
+    const channels = new Map<number, ChannelHandler>()
+    const closed = yield* Deferred.make<void>()
+    let nextCh = 0
     let lastPong = Date.now()
-    // Flow-control window in bytes; writers wait on `creditWaiters` when it runs out.
-    let window = WINDOW_BYTES
-    const creditWaiters = new Set<() => void>()
-
-    let lostWith: ConnectionLost | undefined
+    let lostWith: string | undefined
     const lose = (message: string) => {
       if (lostWith !== undefined) return
-      const lost = new ConnectionLost({ dest: destName, message })
-      lostWith = lost
-      Deferred.unsafeDone(closed, Effect.succeed(lost))
-      for (const p of pending.values()) Deferred.unsafeDone(p.done, Effect.fail(lost))
-      pending.clear()
-      for (const wake of creditWaiters) wake()
-      creditWaiters.clear()
+      lostWith = message
+      Deferred.unsafeDone(closed, Effect.void)
+      for (const channel of channels.values()) channel.lose(message)
+      channels.clear()
     }
 
-    const hello = new Hello({
-      protocolVersion: PROTOCOL_VERSION,
-      token: endpoint.token,
-      clientId: randomUUID(),
-      project: project.name,
-      destinationRoot: dest.destinationLocation
-    })
+    const hello = new Hello({ protocolVersion: PROTOCOL_VERSION, token: endpoint.token, clientId: randomUUID() })
 
-    const { welcome, ws } = yield* Effect.acquireRelease(
-      Effect.async<{ ws: WebSocket; welcome: Welcome }, ConnectError>((resume) => {
+    const ws = yield* Effect.acquireRelease(
+      Effect.async<WebSocket, ConnectError>((resume) => {
         const ws = new WebSocket(endpoint.url, {
           perMessageDeflate: false,
           maxPayload: 64 * 1024 * 1024,
@@ -166,7 +173,7 @@ export const openSession = (
           if (opened) return
           opened = true
           ws.terminate()
-          resume(Effect.fail(new ConnectError({ dest: destName, message, retryable })))
+          resume(Effect.fail(new ConnectError({ dest: label, message, retryable })))
         }
         ws.on("open", () => ws.send(encodeClientMessage(hello)))
         ws.on("error", (error) => {
@@ -189,45 +196,21 @@ export const openSession = (
           if (!opened) {
             if (message._tag === "Welcome") {
               opened = true
-              return resume(Effect.succeed({ ws, welcome: message }))
+              return resume(Effect.succeed(ws))
             }
             if (message._tag === "Rejected") {
-              // A token changes when the daemon restarts: worth another look-up. A version or root problem is not.
+              // A token changes when the daemon restarts: worth another look-up. A version problem is not.
               return refuse(`the daemon refused the session (${message.reason}): ${message.message}`, message.reason === "token")
             }
             return refuse(`unexpected ${message._tag} before Welcome`, true)
           }
-          switch (message._tag) {
-            case "Ack": {
-              const p = pending.get(message.seq)
-              pending.delete(message.seq)
-              if (p !== undefined) Deferred.unsafeDone(p.done, Effect.void)
-              return
-            }
-            case "OpFailed": {
-              const p = pending.get(message.seq)
-              pending.delete(message.seq)
-              const failure = new OperationFailed({ dest: destName, path: p?.path ?? "?", code: message.code, message: message.message })
-              if (p !== undefined) Deferred.unsafeDone(p.done, Effect.fail(failure))
-              return
-            }
-            case "Credit": {
-              window += message.bytes
-              for (const wake of creditWaiters) wake()
-              creditWaiters.clear()
-              return
-            }
-            case "Manifest": {
-              pending.get(message.seq)?.entries?.push(...message.entries)
-              return
-            }
-            default:
-              return lose(`unexpected ${message._tag} from the daemon`)
-          }
+          if (message._tag === "Welcome" || message._tag === "Rejected") return lose(`unexpected ${message._tag} from the daemon`)
+          // A channel that was let go may still get its last replies: they are nobody's.
+          channels.get(message.ch)?.onMessage(message)
         })
         return Effect.sync(() => ws.terminate())
       }),
-      ({ ws }) =>
+      (ws) =>
         Effect.async<void>((resume) => {
           if (ws.readyState === WebSocket.CLOSED) return resume(Effect.void)
           // A daemon that does not answer the close within a second is cut off; one that does must
@@ -257,16 +240,6 @@ export const openSession = (
       }
     }).pipe(Effect.interruptible, Effect.forkScoped)
 
-    const ensureOpen = Effect.suspend(() => (lostWith === undefined ? Effect.void : Effect.fail(lostWith)))
-
-    const register = (path: string, entries?: Array<ManifestEntry>) => {
-      const seq = nextSeq
-      nextSeq = nextSeq >= 0xffffffff ? 1 : nextSeq + 1
-      const done = Deferred.unsafeMake<void, OperationFailed | ConnectionLost>(FiberId.none)
-      pending.set(seq, entries === undefined ? { path, done } : { path, done, entries })
-      return { seq, ack: Deferred.await(done) }
-    }
-
     // Frames sent in one turn of the event loop leave in one write: a big sync sends thousands of
     // small frames, and a syscall each was the client's largest single cost. (`_socket` is ws's
     // own name for the stream it writes to; there is no public handle.)
@@ -276,119 +249,248 @@ export const openSession = (
       corked = false
       socket?.uncork()
     }
-    const frame = (data: string | Buffer) =>
-      Effect.suspend(() => {
-        if (ws.readyState !== WebSocket.OPEN) {
-          lose("connection closed")
-          return Effect.fail(lostWith!)
-        }
-        if (!corked && socket !== undefined) {
-          corked = true
-          socket.cork()
-          process.nextTick(uncork)
-        }
-        ws.send(data)
-        return Effect.void
-      })
-
-    const send = (op: OperationInput) =>
-      Effect.gen(function* () {
-        yield* ensureOpen
-        const path = op._tag === "Rename" ? op.from : op.path
-        const { ack, seq } = register(path)
-        const message =
-          op._tag === "Mkdir"
-            ? new Mkdir({ ...op, seq })
-            : op._tag === "Remove"
-              ? new Remove({ ...op, seq })
-              : op._tag === "Rename"
-                ? new Rename({ ...op, seq })
-                : new Symlink({ ...op, seq })
-        yield* frame(encodeClientMessage(message))
-        return ack
-      })
-
-    const takeCredit = (bytes: number): Effect.Effect<void, ConnectionLost> =>
-      Effect.suspend(() => {
-        // A chunk bigger than the whole window still goes once the window is full again.
-        if (window >= Math.min(bytes, WINDOW_BYTES)) {
-          window -= bytes
-          return Effect.void
-        }
-        return Effect.async<void>((resume) => {
-          const wake = () => resume(Effect.void)
-          creditWaiters.add(wake)
-          return Effect.sync(() => creditWaiters.delete(wake))
-        }).pipe(Effect.zipRight(ensureOpen), Effect.zipRight(takeCredit(bytes)))
-      })
-
-    const write = (source: FileSource) =>
-      Effect.gen(function* () {
-        yield* ensureOpen
-        const { ack, seq } = register(source.path)
-        yield* frame(
-          encodeClientMessage(new Write({ seq, path: source.path, size: source.size, mode: source.mode, mtime: source.mtime }))
-        )
-        let sent = 0
-        const abort = Effect.suspend(() => Effect.zipRight(frame(encodeClientMessage(new Abort({ seq }))), Effect.ignore(ack)))
-        yield* source
-          .read((chunk) =>
-            Effect.gen(function* () {
-              for (let offset = 0; offset < chunk.byteLength; offset += CHUNK_BYTES) {
-                const piece = chunk.subarray(offset, Math.min(offset + CHUNK_BYTES, chunk.byteLength))
-                yield* takeCredit(piece.byteLength)
-                yield* frame(encodeChunk(seq, piece))
-                sent += piece.byteLength
-              }
-            })
-          )
-          .pipe(
-            Effect.filterOrFail(
-              () => sent === source.size,
-              () => new SourceChanged({ path: source.path })
-            ),
-            // Wait for the daemon to discard its partial file so a retry cannot race it.
-            Effect.tapError((error) => (error._tag === "ConnectionLost" ? Effect.void : abort))
-          )
-        return ack
-      })
-
-    const sendBytes = (file: { readonly path: string; readonly mode: number; readonly mtime: number }, bytes: Uint8Array): Ack => {
-      const { ack, seq } = register(file.path)
-      // Plain JSON of a Write: its Schema encoding is the identity, and this runs once per file.
-      ws.send(JSON.stringify({ _tag: "Write", seq, path: file.path, size: bytes.byteLength, mode: file.mode, mtime: file.mtime }))
-      if (bytes.byteLength > 0) ws.send(encodeChunk(seq, bytes))
-      return ack
+    /** Puts a frame on the wire (corked until the end of this tick); false once the link is down. */
+    const put = (data: string | Buffer): boolean => {
+      if (ws.readyState !== WebSocket.OPEN) {
+        lose("connection closed")
+        return false
+      }
+      if (!corked && socket !== undefined) {
+        corked = true
+        socket.cork()
+        process.nextTick(uncork)
+      }
+      ws.send(data)
+      return true
     }
-    const writeBytes = (file: { readonly path: string; readonly mode: number; readonly mtime: number }, bytes: Uint8Array) =>
-      Effect.suspend((): Effect.Effect<Ack, ConnectionLost> => {
-        if (bytes.byteLength > CHUNK_BYTES) return Effect.dieMessage("writeBytes takes at most one chunk")
-        if (lostWith !== undefined || ws.readyState !== WebSocket.OPEN) {
-          lose("connection closed")
-          return Effect.fail(lostWith!)
-        }
-        if (window >= bytes.byteLength) {
-          window -= bytes.byteLength
-          if (!corked && socket !== undefined) {
-            corked = true
-            socket.cork()
-            process.nextTick(uncork)
-          }
-          return Effect.succeed(sendBytes(file, bytes))
-        }
-        return Effect.flatMap(takeCredit(bytes.byteLength), () => Effect.map(ensureOpen, () => sendBytes(file, bytes)))
+
+    const open = (dest: ResolvedDestination, project: ResolvedProject) =>
+      Effect.gen(function* () {
+        const ch = nextCh++
+        const channel = yield* Effect.acquireRelease(
+          Effect.async<ReturnType<typeof makeChannel>, ConnectError>((resume) => {
+            if (lostWith !== undefined) {
+              return resume(Effect.fail(new ConnectError({ dest: dest.name, message: lostWith, retryable: true })))
+            }
+            const timer = setTimeout(
+              () => settle(Effect.fail(new ConnectError({ dest: dest.name, message: `no answer to opening ${dest.destinationLocation}`, retryable: true }))),
+              Duration.toMillis(options.openTimeout)
+            )
+            let settled = false
+            const settle = (result: Effect.Effect<ReturnType<typeof makeChannel>, ConnectError>) => {
+              if (settled) return
+              settled = true
+              clearTimeout(timer)
+              resume(result)
+            }
+            channels.set(ch, {
+              onMessage: (message) => {
+                if (message._tag === "Opened") return settle(Effect.succeed(makeChannel(ch, dest, message.root)))
+                if (message._tag === "OpenFailed") {
+                  channels.delete(ch)
+                  // A root that cannot be used now will not be usable on a retry either.
+                  return settle(Effect.fail(new ConnectError({ dest: dest.name, message: `the daemon cannot open ${dest.destinationLocation}: ${message.message}`, retryable: false })))
+                }
+              },
+              lose: (message) => settle(Effect.fail(new ConnectError({ dest: dest.name, message, retryable: true })))
+            })
+            put(encodeClientMessage(new Open({ ch, project: project.name, destinationRoot: dest.destinationLocation })))
+            return Effect.sync(() => {
+              clearTimeout(timer)
+              channels.delete(ch)
+            })
+          }),
+          (channel) => channel.close
+        )
+        return channel.session
       })
 
-    const manifest = Effect.gen(function* () {
-      yield* ensureOpen
-      const entries: Array<ManifestEntry> = []
-      const { ack, seq } = register(".", entries)
-      yield* frame(encodeClientMessage(new ListManifest({ seq })))
-      yield* ack
-      return entries
-    })
+    /** The operations of channel `ch`, once the daemon opened it on `root`. */
+    const makeChannel = (ch: number, dest: ResolvedDestination, root: string) => {
+      const destName = dest.name
+      const pending = new Map<number, Pending>()
+      const channelClosed = Deferred.unsafeMake<ConnectionLost>(FiberId.none)
+      let nextSeq = 1
+      // Flow-control window in bytes; writers wait on `creditWaiters` when it runs out.
+      let window = WINDOW_BYTES
+      const creditWaiters = new Set<() => void>()
+      let lostWith: ConnectionLost | undefined
+      let onClosed: (() => void) | undefined
 
-    return { welcome, send, write, writeBytes, manifest, closed: Deferred.await(closed) } satisfies Session
+      const loseChannel = (message: string) => {
+        if (lostWith !== undefined) return
+        const lost = new ConnectionLost({ dest: destName, message })
+        lostWith = lost
+        Deferred.unsafeDone(channelClosed, Effect.succeed(lost))
+        for (const p of pending.values()) Deferred.unsafeDone(p.done, Effect.fail(lost))
+        pending.clear()
+        for (const wake of creditWaiters) wake()
+        creditWaiters.clear()
+        onClosed?.()
+      }
+
+      channels.set(ch, {
+        lose: loseChannel,
+        onMessage: (message) => {
+          switch (message._tag) {
+            case "Ack": {
+              const p = pending.get(message.seq)
+              pending.delete(message.seq)
+              if (p !== undefined) Deferred.unsafeDone(p.done, Effect.void)
+              return
+            }
+            case "OpFailed": {
+              const p = pending.get(message.seq)
+              pending.delete(message.seq)
+              const failure = new OperationFailed({ dest: destName, path: p?.path ?? "?", code: message.code, message: message.message })
+              if (p !== undefined) Deferred.unsafeDone(p.done, Effect.fail(failure))
+              return
+            }
+            case "Credit": {
+              window += message.bytes
+              for (const wake of creditWaiters) wake()
+              creditWaiters.clear()
+              return
+            }
+            case "Manifest": {
+              pending.get(message.seq)?.entries?.push(...message.entries)
+              return
+            }
+            case "Closed":
+              return loseChannel("session closed")
+            default:
+              return lose(`unexpected ${message._tag} on channel ${ch}`)
+          }
+        }
+      })
+
+      /** Asks the daemon to finish the channel and waits (a second at most) until it has. */
+      const close = Effect.async<void>((resume) => {
+        if (lostWith !== undefined) return resume(Effect.void)
+        const timer = setTimeout(() => loseChannel("session closed"), 1000)
+        onClosed = () => {
+          clearTimeout(timer)
+          channels.delete(ch)
+          resume(Effect.void)
+        }
+        if (!put(encodeClientMessage(new Close({ ch })))) loseChannel("session closed")
+        return Effect.sync(() => clearTimeout(timer))
+      })
+
+      const ensureOpen = Effect.suspend(() => (lostWith === undefined ? Effect.void : Effect.fail(lostWith)))
+
+      const register = (path: string, entries?: Array<ManifestEntry>) => {
+        const seq = nextSeq
+        nextSeq = nextSeq >= 0xffffffff ? 1 : nextSeq + 1
+        const done = Deferred.unsafeMake<void, OperationFailed | ConnectionLost>(FiberId.none)
+        pending.set(seq, entries === undefined ? { path, done } : { path, done, entries })
+        return { seq, ack: Deferred.await(done) }
+      }
+
+      const frame = (data: string | Buffer) =>
+        Effect.suspend(() => {
+          if (lostWith === undefined && put(data)) return Effect.void
+          loseChannel(lostWith?.message ?? "connection closed")
+          return Effect.fail(lostWith!)
+        })
+
+      const send = (op: OperationInput) =>
+        Effect.gen(function* () {
+          yield* ensureOpen
+          const path = op._tag === "Rename" ? op.from : op.path
+          const { ack, seq } = register(path)
+          const message =
+            op._tag === "Mkdir"
+              ? new Mkdir({ ...op, ch, seq })
+              : op._tag === "Remove"
+                ? new Remove({ ...op, ch, seq })
+                : op._tag === "Rename"
+                  ? new Rename({ ...op, ch, seq })
+                  : new Symlink({ ...op, ch, seq })
+          yield* frame(encodeClientMessage(message))
+          return ack
+        })
+
+      const takeCredit = (bytes: number): Effect.Effect<void, ConnectionLost> =>
+        Effect.suspend(() => {
+          // A chunk bigger than the whole window still goes once the window is full again.
+          if (window >= Math.min(bytes, WINDOW_BYTES)) {
+            window -= bytes
+            return Effect.void
+          }
+          return Effect.async<void>((resume) => {
+            const wake = () => resume(Effect.void)
+            creditWaiters.add(wake)
+            return Effect.sync(() => creditWaiters.delete(wake))
+          }).pipe(Effect.zipRight(ensureOpen), Effect.zipRight(takeCredit(bytes)))
+        })
+
+      const write = (source: FileSource) =>
+        Effect.gen(function* () {
+          yield* ensureOpen
+          const { ack, seq } = register(source.path)
+          yield* frame(
+            encodeClientMessage(new Write({ ch, seq, path: source.path, size: source.size, mode: source.mode, mtime: source.mtime }))
+          )
+          let sent = 0
+          const abort = Effect.suspend(() => Effect.zipRight(frame(encodeClientMessage(new Abort({ ch, seq }))), Effect.ignore(ack)))
+          yield* source
+            .read((chunk) =>
+              Effect.gen(function* () {
+                for (let offset = 0; offset < chunk.byteLength; offset += CHUNK_BYTES) {
+                  const piece = chunk.subarray(offset, Math.min(offset + CHUNK_BYTES, chunk.byteLength))
+                  yield* takeCredit(piece.byteLength)
+                  yield* frame(encodeChunk(ch, seq, piece))
+                  sent += piece.byteLength
+                }
+              })
+            )
+            .pipe(
+              Effect.filterOrFail(
+                () => sent === source.size,
+                () => new SourceChanged({ path: source.path })
+              ),
+              // Wait for the daemon to discard its partial file so a retry cannot race it.
+              Effect.tapError((error) => (error._tag === "ConnectionLost" ? Effect.void : abort))
+            )
+          return ack
+        })
+
+      const sendBytes = (file: { readonly path: string; readonly mode: number; readonly mtime: number }, bytes: Uint8Array): Ack => {
+        const { ack, seq } = register(file.path)
+        // Plain JSON of a Write: its Schema encoding is the identity, and this runs once per file.
+        put(JSON.stringify({ _tag: "Write", ch, seq, path: file.path, size: bytes.byteLength, mode: file.mode, mtime: file.mtime }))
+        if (bytes.byteLength > 0) put(encodeChunk(ch, seq, bytes))
+        return ack
+      }
+      const writeBytes = (file: { readonly path: string; readonly mode: number; readonly mtime: number }, bytes: Uint8Array) =>
+        Effect.suspend((): Effect.Effect<Ack, ConnectionLost> => {
+          if (bytes.byteLength > CHUNK_BYTES) return Effect.dieMessage("writeBytes takes at most one chunk")
+          if (lostWith !== undefined || ws.readyState !== WebSocket.OPEN) {
+            loseChannel(lostWith?.message ?? "connection closed")
+            return Effect.fail(lostWith!)
+          }
+          if (window >= bytes.byteLength) {
+            window -= bytes.byteLength
+            return Effect.succeed(sendBytes(file, bytes))
+          }
+          return Effect.flatMap(takeCredit(bytes.byteLength), () => Effect.map(ensureOpen, () => sendBytes(file, bytes)))
+        })
+
+      const manifest = Effect.gen(function* () {
+        yield* ensureOpen
+        const entries: Array<ManifestEntry> = []
+        const { ack, seq } = register(".", entries)
+        yield* frame(encodeClientMessage(new ListManifest({ ch, seq })))
+        yield* ack
+        return entries
+      })
+
+      const session: Session = { root, send, write, writeBytes, manifest, closed: Deferred.await(channelClosed) }
+      return { session, close }
+    }
+
+    return { open, closed: Deferred.await(closed) } satisfies Link
   })
 
 // ---- the service ------------------------------------------------------------------------------
@@ -401,18 +503,56 @@ export class RemoteConnection extends Context.Tag("sicksync/RemoteConnection")<
   }
 >() {}
 
+/**
+ * Destinations reached through the same daemon share one link. Two spellings of one host (an alias
+ * and its address) get a link each, still over one SSH connection to one daemon.
+ */
+const linkKey = (dest: ResolvedDestination) =>
+  dest.transport === "local" ? "local" : JSON.stringify([dest.hostname, dest.username ?? null, dest.port ?? null, dest.identityFile ?? null])
+
+/**
+ * Every destination of a daemon's host shares one link, opened when the first of them connects and
+ * closed when the last lets go. A link that fails or dies is retired: the next connect opens a new one
+ * (a key carries its generation, so the dead one is never handed out again).
+ */
 export const make = (options: SessionOptions = defaults) =>
   Effect.gen(function* () {
     const locator = yield* DaemonLocator
+    const generations = new Map<string, number>()
+    /** The destination a key's link is located with: any of those sharing it will do. */
+    const locateWith = new Map<string, ResolvedDestination>()
+    const keyOf = (base: string) => `${generations.get(base) ?? 0}:${base}`
+    const retire = (key: string) =>
+      Effect.sync(() => {
+        const base = key.slice(key.indexOf(":") + 1)
+        if (keyOf(base) === key) generations.set(base, (generations.get(base) ?? 0) + 1)
+        locateWith.delete(key)
+      })
+    const links = yield* RcMap.make({
+      lookup: (key: string) =>
+        Effect.gen(function* () {
+          const dest = locateWith.get(key)!
+          const endpoint = yield* locator.locate(dest)
+          const link = yield* openLink(dest.hostname, endpoint, options)
+          yield* Effect.forkScoped(Effect.zipRight(link.closed, retire(key)))
+          return link
+        }).pipe(Effect.tapError(() => retire(key)))
+    })
     return RemoteConnection.of({
       open: (dest, project) =>
-        Effect.flatMap(locator.locate(dest), (endpoint) => openSession(dest, project, endpoint, options)).pipe(
+        Effect.gen(function* () {
+          const key = keyOf(linkKey(dest))
+          if (!locateWith.has(key)) locateWith.set(key, dest)
+          const link = yield* RcMap.get(links, key)
+          return yield* link.open(dest, project)
+        }).pipe(
+          Effect.mapError((error) => (error.dest === dest.name ? error : new ConnectError({ ...error, dest: dest.name }))),
           Effect.withSpan("RemoteConnection.open", { attributes: { dest: dest.name } })
         )
     })
   })
 
-export const layer = (options: SessionOptions = defaults) => Layer.effect(RemoteConnection, make(options))
+export const layer = (options: SessionOptions = defaults) => Layer.scoped(RemoteConnection, make(options))
 
 // ---- test double ------------------------------------------------------------------------------
 
@@ -439,7 +579,7 @@ export const makeMemory = () => {
       const tree = treeOf(dest.name)
       const acked: Ack = Effect.void
       return {
-        welcome: { _tag: "Welcome", protocolVersion: PROTOCOL_VERSION, daemonVersion: "memory", sessionId: randomUUID(), root: dest.destinationLocation } as Welcome,
+        root: dest.destinationLocation,
         send: (op) =>
           Effect.sync(() => {
             switch (op._tag) {

@@ -3,8 +3,11 @@
  * daemon running in-process or as a subprocess and keeps every message it received.
  *
  *   const client = await DaemonClient.connect(port)
- *   const welcome = await client.hello({ token, destinationRoot: "~/dest" })
+ *   const opened = await client.helloAndOpen({ token, destinationRoot: "~/dest" }) // channel 0
  *   const reply = await client.write(1, "a.txt", Buffer.from("hi"), { mode: 0o644 })
+ *
+ * Operations sent without a `ch` go to channel 0; replies are matched by seq alone, so a test that
+ * opens several channels gives their operations distinct seqs.
  */
 import * as fs from "node:fs"
 import * as path from "node:path"
@@ -19,6 +22,7 @@ import {
   encodeClientMessage,
   Hello,
   ListManifest,
+  Open,
   type ManifestEntry,
   PROTOCOL_VERSION,
   WINDOW_BYTES,
@@ -108,10 +112,10 @@ export class DaemonClient {
     this.ws.send(data, { binary: typeof data !== "string" })
   }
 
-  sendChunk(seq: number, payload: Uint8Array): void {
+  sendChunk(seq: number, payload: Uint8Array, ch = 0): void {
     this.sentChunkBytes += payload.byteLength
     this.maxInFlight = Math.max(this.maxInFlight, this.sentChunkBytes - this.creditBytes)
-    this.ws.send(encodeChunk(seq, payload), { binary: true })
+    this.ws.send(encodeChunk(ch, seq, payload), { binary: true })
   }
 
   /** The first not-yet-taken message matching `match`, waiting up to `timeoutMs`. */
@@ -153,16 +157,21 @@ export class DaemonClient {
 
   /** Sends a Hello (fields overridable) and returns the Welcome or Rejected. */
   hello(fields: Partial<ConstructorParameters<typeof Hello>[0]> & { readonly token: string }) {
-    this.send(
-      new Hello({
-        protocolVersion: PROTOCOL_VERSION,
-        clientId: "test-client",
-        project: "test-project",
-        destinationRoot: "~/dest",
-        ...fields
-      })
-    )
+    this.send(new Hello({ protocolVersion: PROTOCOL_VERSION, clientId: "test-client", ...fields }))
     return this.take((m) => m._tag === "Welcome" || m._tag === "Rejected") as Promise<Of<"Welcome"> | Of<"Rejected">>
+  }
+
+  /** Opens channel `ch` on `destinationRoot` and returns the Opened or OpenFailed. */
+  open(destinationRoot: string, ch = 0) {
+    this.send(new Open({ ch, project: "test-project", destinationRoot }))
+    return this.take((m) => (m._tag === "Opened" || m._tag === "OpenFailed") && m.ch === ch) as Promise<Of<"Opened"> | Of<"OpenFailed">>
+  }
+
+  /** Hello, then channel 0 on `destinationRoot`: the Opened, or whichever refusal came first. */
+  async helloAndOpen(fields: Partial<ConstructorParameters<typeof Hello>[0]> & { readonly token: string; readonly destinationRoot: string }) {
+    const { destinationRoot, ...hello } = fields
+    const welcome = await this.hello(hello)
+    return welcome._tag === "Rejected" ? welcome : this.open(destinationRoot)
   }
 
   /** Sends an operation and waits for its reply. */
@@ -180,7 +189,7 @@ export class DaemonClient {
   async writeChunks(
     seq: number,
     content: Uint8Array,
-    options?: { readonly chunkBytes?: number; readonly window?: number; readonly stopAfter?: number }
+    options?: { readonly chunkBytes?: number; readonly window?: number; readonly stopAfter?: number; readonly ch?: number }
   ): Promise<void> {
     const chunkBytes = options?.chunkBytes ?? CHUNK_BYTES
     const window = options?.window ?? WINDOW_BYTES
@@ -189,7 +198,7 @@ export class DaemonClient {
       const payload = content.subarray(offset, Math.min(offset + chunkBytes, content.byteLength, stopAfter))
       await this.waitForWindow(payload.byteLength, window)
       if (!this.isOpen) return
-      this.sendChunk(seq, payload)
+      this.sendChunk(seq, payload, options?.ch)
     }
   }
 
@@ -201,10 +210,11 @@ export class DaemonClient {
     seq: number,
     filePath: string,
     content: Uint8Array,
-    options?: { readonly mode?: number; readonly mtime?: number; readonly chunkBytes?: number; readonly window?: number }
+    options?: { readonly mode?: number; readonly mtime?: number; readonly chunkBytes?: number; readonly window?: number; readonly ch?: number }
   ): Promise<void> {
+    const ch = options?.ch ?? 0
     this.send(
-      new Write({ seq, path: filePath, size: content.byteLength, mode: options?.mode ?? 0o644, mtime: options?.mtime ?? Date.now() })
+      new Write({ ch, seq, path: filePath, size: content.byteLength, mode: options?.mode ?? 0o644, mtime: options?.mtime ?? Date.now() })
     )
     await this.writeChunks(seq, content, options)
   }

@@ -40,7 +40,7 @@ export const fakeRemote = Effect.gen(function* () {
           const closed = yield* Deferred.make<ConnectionLost>()
           sessions.set(d.name, closed)
           const session: Session = {
-            welcome: { _tag: "Welcome", protocolVersion: 1, daemonVersion: "test", sessionId: "s", root: d.destinationLocation } as never,
+            root: d.destinationLocation,
             send: (op) =>
               Effect.sync(() => {
                 record(d.name, `${op._tag} ${op._tag === "Rename" ? op.from : op.path}`)
