@@ -133,3 +133,50 @@ describe("Supervisor", () => {
     })
   )
 })
+
+describe("Supervisor with a legacy ~/.sicksync/config.json", () => {
+  it.live("runs every project of the one legacy file, and reloads the one whose entry changed", () =>
+    Effect.gen(function* () {
+      const h = yield* harness
+      const a = path.join(h.home, "code", "a")
+      const b = path.join(h.home, "code", "b")
+      for (const root of [a, b]) fs.mkdirSync(root, { recursive: true })
+      const legacyFile = path.join(h.home, ".sicksync", "config.json")
+      const legacy = (bExcludes: ReadonlyArray<string>) =>
+        JSON.stringify({
+          projects: [
+            { project: "a", hostname: "ha", sourceLocation: "~/code/a", destinationLocation: "/srv/a" },
+            { project: "b", hostname: "hb", sourceLocation: b, destinationLocation: "/srv/b", excludes: bExcludes }
+          ]
+        })
+      fs.mkdirSync(path.dirname(legacyFile), { recursive: true })
+      fs.writeFileSync(legacyFile, legacy([]))
+      const projects = yield* Effect.flatMap(Config.SyncConfig, (c) => c.resolve({ aliases: [], all: true, global: false, cwd: h.home })).pipe(
+        Effect.provide(h.layer)
+      )
+      expect(projects.map((p) => [p.name, p.configFile])).toEqual([["a", legacyFile], ["b", legacyFile]])
+      const fiber = yield* Effect.flatMap(Supervisor, (s) => s.run(projects, { reloadQuiet: "50 millis" })).pipe(
+        Effect.provide(h.layer),
+        Effect.fork
+      )
+      yield* eventually(() => h.logs.some((l) => l.startsWith("[a]") && l.includes("in sync")), "a in sync")
+      yield* eventually(() => h.logs.some((l) => l.startsWith("[b]") && l.includes("in sync")), "b in sync")
+      fs.writeFileSync(path.join(a, "one.txt"), "in a")
+      fs.writeFileSync(path.join(b, "two.txt"), "in b")
+      yield* eventually(() => h.remote.applied.get("ha")?.includes("Write one.txt in a"), "a syncs")
+      yield* eventually(() => h.remote.applied.get("hb")?.includes("Write two.txt in b"), "b syncs")
+
+      fs.writeFileSync(legacyFile, legacy(["*.tmp"]))
+      yield* eventually(() => h.logs.some((l) => l.startsWith("[b]") && l.includes("changed: restarting with the new settings")), "b reloaded")
+      fs.writeFileSync(path.join(b, "scratch.tmp"), "excluded now")
+      fs.writeFileSync(path.join(b, "kept.txt"), "kept")
+      fs.writeFileSync(path.join(a, "still.txt"), "still")
+      yield* eventually(() => h.remote.applied.get("hb")?.includes("Write kept.txt kept"), "b syncs with its new config")
+      yield* eventually(() => h.remote.applied.get("ha")?.includes("Write still.txt still"), "a still syncing")
+      expect(h.remote.applied.get("hb")?.some((op) => op.includes("scratch.tmp"))).toBe(false)
+      expect(h.logs.some((l) => l.startsWith("[a]") && l.includes("restarting"))).toBe(false)
+      expect(h.logs.some((l) => l.includes("keeping the last good config"))).toBe(false)
+      yield* Fiber.interrupt(fiber)
+    })
+  )
+})

@@ -317,6 +317,8 @@ export class SyncConfig extends Context.Tag("sicksync/Config")<
     /** The closest `.sicksync-config.json` that is a project file, from `dir` upwards. */
     readonly findProjectFile: (dir: string) => Effect.Effect<string | undefined, ConfigError>
     readonly loadProject: (file: string) => Effect.Effect<ResolvedProject, ConfigError>
+    /** Reads a loaded project's config again from where it came from: its project file, or its legacy file. */
+    readonly reload: (project: ResolvedProject) => Effect.Effect<ResolvedProject, ConfigError>
     readonly readRegistry: Effect.Effect<LoadedRegistry, ConfigError>
     readonly writeRegistry: (registry: Registry) => Effect.Effect<void, ConfigError>
     readonly readLegacy: Effect.Effect<ReadonlyArray<LegacySource>, ConfigError>
@@ -451,6 +453,22 @@ export const make = (options: { readonly home?: string } = {}) =>
         return { ...resolved, configFile: source.file }
       })
 
+    const reload = (project: ResolvedProject) =>
+      path.basename(project.configFile) === PROJECT_FILE
+        ? loadProject(project.configFile)
+        : Effect.gen(function* () {
+            // one legacy file holds several projects: this one is found again by its name there
+            const source = (yield* readLegacy).find((s) => s.file === project.configFile)
+            const index = source?.projects.findIndex((p) => p.project === project.alias) ?? -1
+            if (source === undefined || index < 0) {
+              return yield* new ConfigError({
+                file: project.configFile,
+                issues: [`project "${project.alias ?? project.name}" is no longer in it`]
+              })
+            }
+            return yield* loadLegacy(source, index)
+          })
+
     const describeRegistered = (loaded: LoadedRegistry, legacy: ReadonlyArray<LegacySource>) => {
       const lines = (loaded.registry?.projects ?? []).map(
         (p) => `  ${(p.alias ?? "(no alias)").padEnd(16)} ${p.path}${p.active === false ? "  (inactive)" : ""}`
@@ -533,6 +551,7 @@ export const make = (options: { readonly home?: string } = {}) =>
       readProjectFile,
       findProjectFile,
       loadProject,
+      reload,
       readRegistry,
       writeRegistry,
       readLegacy,

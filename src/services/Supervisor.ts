@@ -130,17 +130,20 @@ export const make = Effect.gen(function* () {
           )
         }
 
+        // A legacy file holds several projects: its name tells them apart.
+        const keyOf = (project: ResolvedProject) => `${project.configFile}\0${project.name}`
+
         const reloads = (project: ResolvedProject) =>
           fileChanges(project.configFile).pipe(
             Stream.debounce(options.reloadQuiet),
             Stream.runForEach(() =>
-              config.loadProject(project.configFile).pipe(
+              config.reload(project).pipe(
                 Effect.flatMap((next) =>
                   JSON.stringify(next) === JSON.stringify(project)
                     ? Effect.void
                     : Effect.zipRight(
                         Effect.log(`${project.configFile} changed: restarting with the new settings`),
-                        Effect.sync(() => (project = next)).pipe(Effect.zipRight(FiberMap.run(running, project.configFile, supervised(next))))
+                        Effect.sync(() => (project = next)).pipe(Effect.zipRight(FiberMap.run(running, keyOf(next), supervised(next))))
                       )
                 ),
                 Effect.catchAll((error) => Effect.logError(`${error.message}; keeping the last good config`)),
@@ -150,7 +153,7 @@ export const make = Effect.gen(function* () {
           )
 
         for (const project of projects) {
-          yield* FiberMap.run(running, project.configFile, supervised(project))
+          yield* FiberMap.run(running, keyOf(project), supervised(project))
           yield* Effect.forkScoped(reloads(project))
         }
         return yield* Effect.never
