@@ -5,7 +5,10 @@
  *   scripts/bench latency [--edits N]   save-to-remote latency percentiles, and `cp` as the floor
  *   scripts/bench latency --ssh         the same through a real sshd on 127.0.0.1 (started here, as in
  *                                       the tests), against lsyncd and against rsync run per change
- *   scripts/bench reconcile [--files N] big sync vs `rsync -a --delete`: initial, no-change, checkout
+ *   scripts/bench reconcile [--files N] [--runs N]
+ *                                       big sync vs `rsync -a --delete`: initial, no-change, checkout
+ *   scripts/bench reconcile --ssh       the same through a real sshd on 127.0.0.1, against rsync over
+ *                                       that sshd
  *   scripts/bench scale [--projects N] [--files N] [--edits N] [--hosts 1|2] [--trace]
  *                                       N projects × 2 destinations in one `sicksync --all` process,
  *                                       over SSH to sshd on 127.0.0.1: start-up until every destination
@@ -40,23 +43,29 @@ const home = path.join(base, "home")
 const project = path.join(base, "project")
 const remote = path.join(base, "remote")
 for (const dir of [home, project, remote]) fs.mkdirSync(dir)
-fs.writeFileSync(
-  path.join(project, ".sicksync-config.json"),
-  JSON.stringify({
-    project: "bench",
-    destinations: [{ name: "local", hostname: "localhost", destinationLocation: remote, transport: "local", websocketPort: 0 }]
-  })
-)
+/** The bench project's config: project "bench" with these destinations. */
+const writeConfig = (destinations) =>
+  fs.writeFileSync(path.join(project, ".sicksync-config.json"), JSON.stringify({ project: "bench", destinations }))
+writeConfig([{ name: "local", hostname: "localhost", destinationLocation: remote, transport: "local", websocketPort: 0 }])
 const env = { ...process.env, HOME: home }
+const sshEnv = { ...env, SSH_AUTH_SOCK: "" }
+/** The pid in `<dir>/.sicksync/daemon.json` (the daemon of the user whose $HOME is dir), if any. */
+const daemonPidOf = (dir) => {
+  try {
+    return JSON.parse(fs.readFileSync(path.join(dir, ".sicksync", "daemon.json"), "utf8")).pid
+  } catch {
+    return undefined
+  }
+}
+const stopDaemonOf = (dir) => {
+  try {
+    process.kill(daemonPidOf(dir), "SIGTERM")
+  } catch {}
+}
 const children = []
 const cleanup = () => {
   for (const c of children) c.kill("SIGTERM")
-  const state = path.join(home, ".sicksync", "daemon.json")
-  if (fs.existsSync(state)) {
-    try {
-      process.kill(JSON.parse(fs.readFileSync(state, "utf8")).pid, "SIGTERM")
-    } catch {}
-  }
+  stopDaemonOf(home)
   fs.rmSync(base, { recursive: true, force: true })
 }
 process.on("SIGINT", () => {
@@ -88,6 +97,12 @@ const arrival = (dir, file, expected) =>
 
 const startDaemon = () =>
   execFileSync(process.execPath, [bundle, "start-daemon", "--port", "0", "--grace-ms", "3600000"], { env, encoding: "utf8" })
+
+/** `rsync ...args`, failing loudly. */
+const rsync = (args, rsyncEnv = env) => {
+  const r = spawnSync("rsync", args, { env: rsyncEnv, encoding: "utf8" })
+  if (r.status !== 0) throw new Error(`rsync ${args.join(" ")} failed (${r.status}): ${r.stderr}${r.error?.message ?? ""}`)
+}
 
 // ---- latency ------------------------------------------------------------------------------------
 
@@ -138,22 +153,42 @@ const loadSshHarness = async () => {
   return import(out)
 }
 
-const latencySsh = async () => {
-  const edits = flag("edits", 200)
+/**
+ * One sshd on 127.0.0.1 (the tests' harness) that the bench's $HOME trusts and logs in to with its own
+ * key: `sshArgs` is the matching `rsync -e`, `remoteDir` makes a directory the session user owns,
+ * `destination` is a sicksync destination there. Stopped (its sicksync daemon too) at cleanup.
+ */
+const sshHost = async () => {
   const { startSshd, prepareClientHome } = await loadSshHarness()
   const sshd = await startSshd({ dir: path.join(base, "host") })
-  children.push({ kill: () => void sshd.stop() })
+  children.push({
+    kill: () => {
+      stopDaemonOf(sshd.home)
+      void sshd.stop()
+    }
+  })
   const key = prepareClientHome(home, [sshd.knownHostsLine()])
   sshd.authorize(key.publicKey)
   const knownHosts = path.join(home, ".ssh", "known_hosts")
   const user = sshd.account.name
-  const sshArgs = `ssh -p ${sshd.port} -i ${key.privatePath} -o UserKnownHostsFile=${knownHosts} -o BatchMode=yes`
-  const sshEnv = { ...env, SSH_AUTH_SOCK: "" }
-  const remoteDir = (name) => {
-    const dir = path.join(sshd.home, name)
-    sshd.runAs(`mkdir -p '${dir}'`)
-    return dir
+  return {
+    sshd,
+    knownHosts,
+    key,
+    user,
+    sshArgs: `ssh -p ${sshd.port} -i ${key.privatePath} -o UserKnownHostsFile=${knownHosts} -o BatchMode=yes`,
+    remoteDir: (name) => {
+      const dir = path.join(sshd.home, name)
+      sshd.runAs(`mkdir -p '${dir}'`)
+      return dir
+    },
+    destination: (dir) => ({ name: "devbox", hostname: "127.0.0.1", port: sshd.port, username: user, destinationLocation: dir, websocketPort: 0 })
   }
+}
+
+const latencySsh = async () => {
+  const edits = flag("edits", 200)
+  const { sshd, knownHosts, key, user, sshArgs, remoteDir, destination } = await sshHost()
   const results = []
 
   const measure = async (label, dir, edit) => {
@@ -172,13 +207,7 @@ const latencySsh = async () => {
 
   // sicksync over SSH: agent upload, remote daemon, port-forwarded WebSocket
   const ours = remoteDir("sicksync")
-  fs.writeFileSync(
-    path.join(project, ".sicksync-config.json"),
-    JSON.stringify({
-      project: "bench",
-      destinations: [{ name: "devbox", hostname: "127.0.0.1", port: sshd.port, username: user, destinationLocation: ours, websocketPort: 0 }]
-    })
-  )
+  writeConfig([destination(ours)])
   const client = spawn(process.execPath, [bundle], { cwd: project, env: sshEnv, stdio: ["ignore", "pipe", "inherit"] })
   children.push(client)
   let out = ""
@@ -220,8 +249,7 @@ sync { default.rsyncssh, source = "${lsrc}", host = "${user}@127.0.0.1", targetd
   const rdst = remoteDir("rsync")
   await measure("rsync per change (ssh)", rdst, (c) => {
     fs.writeFileSync(path.join(rsrc, "edited.txt"), c)
-    const r = spawnSync("rsync", ["-a", "-e", sshArgs, path.join(rsrc, "edited.txt"), `${user}@127.0.0.1:${rdst}/`], { env: sshEnv })
-    if (r.status !== 0) throw new Error(`rsync failed: ${r.stderr}`)
+    rsync(["-a", "-e", sshArgs, path.join(rsrc, "edited.txt"), `${user}@127.0.0.1:${rdst}/`], sshEnv)
   })
   await sshd.stop()
 
@@ -252,16 +280,13 @@ const scale = async () => {
     children.push({
       kill: () => {
         // This benchmark's daemons go with it, not after their grace period.
-        try {
-          process.kill(JSON.parse(fs.readFileSync(path.join(sshd.home, ".sicksync", "daemon.json"), "utf8")).pid, "SIGTERM")
-        } catch {}
+        stopDaemonOf(sshd.home)
         void sshd.stop()
       }
     })
   }
   const key = prepareClientHome(home, hosts.map((h) => h.knownHostsLine()))
   for (const h of hosts) h.authorize(key.publicKey)
-  const sshEnv = { ...env, SSH_AUTH_SOCK: "" }
 
   // Projects p01…pN, each with a few small files, both destinations on host 1 (or a on host 1 and
   // b on host 2 with --hosts 2), all in the registry.
@@ -348,8 +373,7 @@ const scale = async () => {
   const { client, ms: warmMs, output } = await startAll()
   await sleep(1000) // let start-up garbage settle before the idle reading
   const clientIdle = memoryOf(client.pid)
-  const daemonPid = (h) => JSON.parse(fs.readFileSync(path.join(h.home, ".sicksync", "daemon.json"), "utf8")).pid
-  const daemonIdle = memoryOf(daemonPid(hosts[0]))
+  const daemonIdle = memoryOf(daemonPidOf(hosts[0].home))
 
   // Edits spread round-robin over the projects, each timed to its arrival on both destinations.
   const perDest = []
@@ -366,7 +390,7 @@ const scale = async () => {
     await sleep(flag("gap", 15))
   }
   const clientAfter = memoryOf(client.pid)
-  const daemonAfter = memoryOf(daemonPid(hosts[0]))
+  const daemonAfter = memoryOf(daemonPidOf(hosts[0].home))
   const daemonsPerHost = hosts.map(
     (h) =>
       fs.readdirSync("/proc").filter((entry) => {
@@ -412,6 +436,86 @@ const scale = async () => {
 
 // ---- reconcile ----------------------------------------------------------------------------------
 
+/** Every entry below dir, sorted: path, type and mode; size and mtime (to the second) of files; link targets. */
+const listing = (dir) => {
+  const out = []
+  const walk = (rel) => {
+    for (const name of fs.readdirSync(path.join(dir, rel))) {
+      const entry = path.join(rel, name)
+      const st = fs.lstatSync(path.join(dir, entry))
+      const mode = (st.mode & 0o7777).toString(8)
+      if (st.isSymbolicLink()) out.push(`${entry} link ${fs.readlinkSync(path.join(dir, entry))}`)
+      else if (st.isDirectory()) {
+        out.push(`${entry} dir ${mode}`)
+        walk(entry)
+      } else out.push(`${entry} file ${mode} ${st.size} ${Math.floor(st.mtimeMs / 1000)}`)
+    }
+  }
+  walk("")
+  return out.sort()
+}
+
+/** Throws unless `copy` is `source` again: the same listing, and the same bytes (`diff -rq`). */
+const assertSameTree = (who, source, copy) => {
+  const [theirs, ours] = [listing(source), listing(copy)]
+  const [inSource, inCopy] = [new Set(theirs), new Set(ours)]
+  const listed = [...theirs.filter((e) => !inCopy.has(e)).map((e) => `- ${e}`), ...ours.filter((e) => !inSource.has(e)).map((e) => `+ ${e}`)]
+  const diff = spawnSync("diff", ["-rq", source, copy], { encoding: "utf8" })
+  if (listed.length > 0 || diff.status !== 0) {
+    throw new Error(
+      `${who}'s destination ${copy} differs from the source (- source only, + destination only):\n` +
+        `${listed.slice(0, 20).join("\n")}\n${(diff.stdout + diff.stderr).slice(0, 2000)}`
+    )
+  }
+}
+
+/** Where `reconcile` sends the tree: sicksync's destination (local transport) and rsync's, on this machine. */
+const localTargets = () => {
+  startDaemon()
+  const rsyncDest = path.join(base, "rsync-dest")
+  return {
+    setting: "local transport, rsync to a local directory",
+    ours: remote,
+    theirs: rsyncDest,
+    reset: () => {
+      for (const dir of [remote, rsyncDest]) {
+        fs.rmSync(dir, { recursive: true, force: true })
+        fs.mkdirSync(dir)
+      }
+    },
+    rsync: () => rsync(["-a", "--delete", `${project}/`, `${rsyncDest}/`]),
+    sicksyncEnv: env,
+    finish: () => "the daemon already running"
+  }
+}
+
+/** The same through one sshd on 127.0.0.1 for both, to two directories in the session user's $HOME. */
+const sshTargets = async () => {
+  const { sshd, user, sshArgs, remoteDir, destination } = await sshHost()
+  const [ours, theirs] = [remoteDir("sicksync"), remoteDir("rsync")]
+  writeConfig([destination(ours)])
+  // The remote daemon, started as the local variant starts its own (long grace): every run finds it running.
+  const started = sshd.runAs(`exec '${process.execPath}' '${bundle}' start-daemon --port 0 --grace-ms 3600000`)
+  if (started.code !== 0) throw new Error(`the remote daemon did not start: ${started.stderr}`)
+  const pid = JSON.parse(started.stdout).pid
+  return {
+    setting: `over SSH: sshd on 127.0.0.1:${sshd.port}, user ${user}; rsync -e "ssh" through the same sshd`,
+    ours,
+    theirs,
+    reset: () => {
+      for (const dir of [ours, theirs]) fs.rmSync(dir, { recursive: true, force: true })
+      for (const dir of [ours, theirs]) remoteDir(path.basename(dir))
+    },
+    rsync: () => rsync(["-a", "--delete", "-e", sshArgs, `${project}/`, `${user}@127.0.0.1:${theirs}/`], sshEnv),
+    sicksyncEnv: sshEnv,
+    finish: () => {
+      if (daemonPidOf(sshd.home) !== pid) throw new Error(`the remote daemon (pid ${pid}) was replaced by ${daemonPidOf(sshd.home)}`)
+      process.kill(pid, 0) // throws if it is gone
+      return `the remote daemon already running (pid ${pid}, the same in every run; each run also opens its SSH connection)`
+    }
+  }
+}
+
 const reconcile = async () => {
   const files = flag("files", 20_000)
   const dirs = Math.max(1, Math.round(files / 10))
@@ -447,41 +551,37 @@ const reconcile = async () => {
       fs.rmSync(path.join(src, `d${Math.floor(n / 100) % 20}`, `e${n % dirs}`, `f${n}.bin`), { force: true })
     }
   }
-  startDaemon()
+  const target = rest.includes("--ssh") ? await sshTargets() : localTargets()
   const time = (f) => {
     const t0 = performance.now()
     f()
     return performance.now() - t0
   }
   const sicksyncOnce = () => {
-    const r = spawnSync(process.execPath, [bundle, "once", "--force"], { cwd: project, env, encoding: "utf8" })
+    const r = spawnSync(process.execPath, [bundle, "once", "--force"], { cwd: project, env: target.sicksyncEnv, encoding: "utf8" })
     if (r.status !== 0) throw new Error(`sicksync once failed: ${r.stderr.slice(-1500)}`)
   }
-  const rsyncDest = path.join(base, "rsync-dest")
-  const rsync = () => {
-    const r = spawnSync("rsync", ["-a", "--delete", `${project}/`, `${rsyncDest}/`], { encoding: "utf8" })
-    if (r.status !== 0) throw new Error(`rsync failed: ${r.stderr}`)
-  }
   const dropCaches = () => spawnSync("sync")
+  /** One timed sicksync and one timed rsync, then both destinations checked against the source. */
+  const step = ([ours, theirs]) => {
+    ours.push(time(sicksyncOnce))
+    theirs.push(time(target.rsync))
+    assertSameTree("sicksync", project, target.ours)
+    assertSameTree("rsync", project, target.theirs)
+  }
   const rows = { initial: [[], []], noChange: [[], []], checkout: [[], []] }
   for (let run = 0; run < runs; run++) {
-    fs.rmSync(remote, { recursive: true, force: true })
-    fs.mkdirSync(remote)
-    fs.rmSync(rsyncDest, { recursive: true, force: true })
-    fs.mkdirSync(rsyncDest)
+    target.reset()
     dropCaches()
-    rows.initial[0].push(time(sicksyncOnce))
-    rows.initial[1].push(time(rsync))
-    rows.noChange[0].push(time(sicksyncOnce))
-    rows.noChange[1].push(time(rsync))
+    step(rows.initial)
+    step(rows.noChange)
     checkout(run)
     dropCaches()
-    rows.checkout[0].push(time(sicksyncOnce))
-    rows.checkout[1].push(time(rsync))
-    const differences = spawnSync("diff", ["-rq", project, remote], { encoding: "utf8" }).stdout.trim()
-    if (differences !== "") throw new Error(`sicksync's destination differs:\n${differences.slice(0, 2000)}`)
+    step(rows.checkout)
   }
-  console.log(`reconcile, median of ${runs} (ms; the daemon already running, each run a fresh CLI process)`)
+  console.log(`reconcile, ${target.setting}; median of ${runs} (ms)`)
+  console.log(`sicksync: ${target.finish()}, each run a fresh \`sicksync once\` CLI process`)
+  console.log("both destinations checked against the source after every step (listing with modes, sizes, mtimes; diff -rq)")
   console.log(`${"".padEnd(28)}sicksync     rsync   ratio`)
   for (const [label, [ours, theirs]] of [
     ["(a) initial, empty dest", rows.initial],
