@@ -302,8 +302,8 @@ export const makeDestinationWorker = (
       Effect.gen(function* () {
         const startedAt = yield* Clock.currentTimeMillis
         yield* show({ _tag: "reconciling" })
-        const local = yield* scanner.scan(notBefore)
-        const manifest = yield* session.manifest
+        // The daemon walks its tree while we walk ours.
+        const [local, manifest] = yield* Effect.all([scanner.scan(notBefore), session.manifest], { concurrency: 2 })
         const plan = diff(local, manifest, excludes, { noDelete: options.noDelete })
         if (mode === "dry-run") {
           const lines = [
@@ -524,6 +524,13 @@ export const makeDestinationWorker = (
 
 // ---- the project --------------------------------------------------------------------------------
 
+/**
+ * Starts the first scan at once, while the destinations connect: their reconciliations reuse it (it
+ * started after the watch, if any, was in place). A failure is theirs to meet and report when they scan.
+ */
+const prefetch = (scanner: Scanner) =>
+  Effect.flatMap(Clock.currentTimeMillis, (now) => Effect.forkScoped(Effect.ignore(scanner.scan(now))))
+
 /** Mirrors one project onto all its destinations until interrupted. */
 export const syncProject = (project: ResolvedProject, options: SyncOptions = defaultSyncOptions) =>
   Effect.scoped(
@@ -534,6 +541,7 @@ export const syncProject = (project: ResolvedProject, options: SyncOptions = def
       const workers = yield* Effect.forEach(project.destinations, (dest) => makeDestinationWorker(project, dest, excludes, scanner, options))
       // Watch before the first scan, so nothing that happens during it is missed.
       const handle = yield* watcher.start({ root: project.root, excludes, followSymLinks: project.followSymLinks })
+      yield* prefetch(scanner)
       for (const worker of workers) yield* Effect.forkScoped(Effect.ignore(worker.run))
       yield* Effect.log(`watching ${project.root} → ${project.destinations.map((d) => d.name).join(", ")}`)
       yield* coalesce(handle.events).pipe(
@@ -559,10 +567,11 @@ export const reconcileOnce = (project: ResolvedProject, options: SyncOptions = d
   Effect.gen(function* () {
     const excludes = yield* makeExcludes({ root: project.root, excludes: project.excludes, excludesFile: project.excludesFile })
     const scanner = yield* makeScanner(project, excludes)
+    yield* prefetch(scanner)
     const workers = yield* Effect.forEach(project.destinations, (dest) =>
       makeDestinationWorker(project, dest, excludes, scanner, options, dryRun ? "dry-run" : "once")
     )
     const results = yield* Effect.forEach(workers, (worker) => Effect.either(worker.run), { concurrency: "unbounded" })
     const failed = results.find((r) => r._tag === "Left")
     if (failed !== undefined && failed._tag === "Left") return yield* failed.left
-  }).pipe(Effect.annotateLogs({ project: project.name }))
+  }).pipe(Effect.scoped, Effect.annotateLogs({ project: project.name }))

@@ -225,6 +225,8 @@ const writeAll = async (fd: number, chunks: ReadonlyArray<Uint8Array>): Promise<
 
 const toSeconds = (ms: number) => ms / 1000
 
+/** Files up to this size are written with synchronous calls (see `writeSmallSync`). */
+const SYNC_WRITE_BYTES = 64 * 1024
 const O_TEMP = fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXCL | fs.constants.O_NOFOLLOW
 
 /** How long a verified parent directory is trusted without another lstat (bounds races with other processes). */
@@ -332,9 +334,27 @@ export const make = (options: { readonly home: string }): DestinationFsApi => {
   ): Promise<string | undefined> => {
     const last = segments.length - 1
     if (last <= 0) return root
-    const gen = generation
     const whole = last === 1 ? root + "/" + segments[0] : root + "/" + segments.slice(0, last).join("/")
     if (isVerified(whole)) return whole
+    // The files of one directory are written side by side: one walk serves them all.
+    const key = create ? whole + "\0c" : whole
+    const running = walking.get(key)
+    // a failure is met again on this path's own walk, so that its error names this path
+    if (running !== undefined) return running.catch(() => walkParent(root, rel, segments, create))
+    const walk = walkParent(root, rel, segments, create).finally(() => walking.delete(key))
+    walking.set(key, walk)
+    return walk
+  }
+  const walking = new Map<string, Promise<string | undefined>>()
+
+  const walkParent = async (
+    root: string,
+    rel: string,
+    segments: ReadonlyArray<string>,
+    create: boolean
+  ): Promise<string | undefined> => {
+    const last = segments.length - 1
+    const gen = generation
     let current = root
     /** No symlink on the way so far: `current` is both the lexical and the real path. */
     let plain = true
@@ -481,6 +501,55 @@ export const make = (options: { readonly home: string }): DestinationFsApi => {
     await step("utimes", tempPath, futimes(fd, toSeconds(mtimeMs)))
   }
 
+  /**
+   * A small file in one synchronous go, temp file to rename: the five thread-pool round trips of the
+   * asynchronous calls cost the daemon more CPU than the writes themselves (into the page cache, a few
+   * microseconds each). Returns false when the rename needs `replaceWith` (a directory in the way).
+   */
+  const writeSmallSync = (
+    root: string,
+    tempPath: string,
+    target: string,
+    chunks: ReadonlyArray<Uint8Array>,
+    createdWith: number,
+    mode: number,
+    mtimeMs: number
+  ): boolean => {
+    const call = <A>(op: string, p: string, f: () => A): A => {
+      try {
+        return f()
+      } catch (e) {
+        throw ioError(op, p, e)
+      }
+    }
+    const fd = call("open", tempPath, () => fs.openSync(tempPath, O_TEMP, createdWith))
+    let open = true
+    try {
+      for (const chunk of chunks) {
+        for (let done = 0; done < chunk.byteLength;) {
+          done += call("write", tempPath, () => fs.writeSync(fd, chunk, done, chunk.byteLength - done))
+        }
+      }
+      if (createdWith !== mode || needsChmod(root, mode)) call("chmod", tempPath, () => fs.fchmodSync(fd, mode))
+      const seconds = toSeconds(mtimeMs)
+      call("utimes", tempPath, () => fs.futimesSync(fd, seconds, seconds))
+      open = false
+      call("close", tempPath, () => fs.closeSync(fd))
+      try {
+        fs.renameSync(tempPath, target)
+        return true
+      } catch (e) {
+        const code = errnoCode(e)
+        if (code === "EISDIR" || code === "ENOTEMPTY" || code === "EEXIST") return false
+        throw ioError("rename", target, e)
+      }
+    } catch (e) {
+      if (open) fs.close(fd, noop)
+      fs.unlink(tempPath, noop)
+      throw e
+    }
+  }
+
   // Not an `Effect.fn`: it runs once per file of a big sync, and a span plus a captured stack trace per
   // call is a measurable share of that. Errors name the operation and path all the same. The file
   // descriptor never leaves this one promise chain, which closes it (and removes the temp file unless it
@@ -491,6 +560,13 @@ export const make = (options: { readonly home: string }): DestinationFsApi => {
     run("write", rel, async () => {
       const { target, tempPath } = await writePaths(root, rel)
       const createdWith = mode & 0o777
+      if (chunks.reduce((n, c) => n + c.byteLength, 0) <= SYNC_WRITE_BYTES) {
+        if (writeSmallSync(root, tempPath, target, chunks, createdWith, mode, mtimeMs)) return
+        return await replaceWith(tempPath, target).catch(async (e) => {
+          await unlinkP(tempPath).catch(noop)
+          throw e
+        })
+      }
       const fd = await step("open", tempPath, openFd(tempPath, O_TEMP, createdWith))
       let open = true
       try {
@@ -541,6 +617,7 @@ export const make = (options: { readonly home: string }): DestinationFsApi => {
     return yield* run("mkdir", rel, async () => {
       const segments = segmentsOrThrow(root, rel, true)
       if (segments.length === 0) return // the root exists already
+      const gen = generation
       const parent = (await resolveParent(root, rel, segments, true))!
       const target = parent + "/" + segments[segments.length - 1]!
       const create = () =>
@@ -564,6 +641,8 @@ export const make = (options: { readonly home: string }): DestinationFsApi => {
           exact = !needsChmod(root, mode)
         }
       }
+      // a real directory under a verified parent: the files about to be written into it need no lstat
+      remember(target, gen)
       if (exact) {
         // lutimes never follows a symlink swapped in meanwhile
         if (mtimeMs !== undefined) await step("utimes", target, fsp.lutimes(target, toSeconds(mtimeMs), toSeconds(mtimeMs)))
