@@ -11,7 +11,7 @@ import * as fs from "node:fs/promises"
 import * as path from "node:path"
 import type { ResolvedDestination, ResolvedProject } from "../schemas/ConfigFile.js"
 import type { Change, ChangeKind } from "../schemas/FileEvent.js"
-import { CHUNK_BYTES } from "../schemas/Protocol.js"
+import { CHUNK_BYTES, CHUNK_HEADER_BYTES } from "../schemas/Protocol.js"
 import type { ConnectError } from "../services/DaemonLocator.js"
 import { type Excludes, makeExcludes } from "../services/Excludes.js"
 import {
@@ -84,15 +84,18 @@ export const fileSource = (abs: string, rel: string, stats: import("node:fs").St
       ? new SourceChanged({ path: rel })
       : new SourceUnreadable({ path: rel, message: (e as Error).message })
 
-  /** The whole file, or `undefined` if it changed since `stats`; throws if it cannot be read. */
-  const readSmallNow = (): Buffer | undefined => {
+  /**
+   * The whole file after `headroom` free bytes, or `undefined` if it changed since `stats`; throws if
+   * it cannot be read.
+   */
+  const readSmallNow = (headroom: number): Buffer | undefined => {
     const fd = fsSync.openSync(abs, "r")
     try {
       // One byte more than expected: a file that grew since the stat is noticed here.
-      const buffer = Buffer.allocUnsafe(stats.size + 1)
-      const bytesRead = fsSync.readSync(fd, buffer, 0, buffer.byteLength, 0)
+      const buffer = Buffer.allocUnsafe(headroom + stats.size + 1)
+      const bytesRead = fsSync.readSync(fd, buffer, headroom, stats.size + 1, 0)
       if (bytesRead !== stats.size || changed(fsSync.fstatSync(fd))) return undefined
-      return buffer.subarray(0, bytesRead)
+      return buffer.subarray(0, headroom + bytesRead)
     } finally {
       fsSync.closeSync(fd)
     }
@@ -100,7 +103,7 @@ export const fileSource = (abs: string, rel: string, stats: import("node:fs").St
 
   const readSmall: FileSource["read"] = (emit) =>
     Effect.flatMap(
-      Effect.try({ try: readSmallNow, catch: unreadable }),
+      Effect.try({ try: () => readSmallNow(0), catch: unreadable }),
       (bytes): Effect.Effect<void, ConnectionLost | SourceChanged> =>
         bytes === undefined ? Effect.fail(new SourceChanged({ path: rel })) : bytes.byteLength > 0 ? emit(bytes) : Effect.void
     )
@@ -132,7 +135,7 @@ export const fileSource = (abs: string, rel: string, stats: import("node:fs").St
     mode: stats.mode & 0o7777,
     mtime: stats.mtimeMs,
     read: stats.size <= SMALL_FILE_BYTES ? readSmall : readLarge,
-    ...(stats.size <= SMALL_FILE_BYTES ? { readNow: () => readSmallNow() } : {})
+    ...(stats.size <= SMALL_FILE_BYTES ? { readFramed: () => readSmallNow(CHUNK_HEADER_BYTES) } : {})
   }
 }
 
@@ -330,19 +333,19 @@ export const makeDestinationWorker = (
 
     /** A small file goes out from memory in one cheap step; anything else is streamed. */
     const writeFile = (session: Session, source: FileSource) => {
-      if (source.readNow === undefined || session.writeBytes === undefined) return session.write(source)
-      const writeBytes = session.writeBytes
+      if (source.readFramed === undefined || session.writeFramed === undefined) return session.write(source)
+      const writeFramed = session.writeFramed
       return Effect.suspend((): Effect.Effect<Ack, ConnectionLost | SourceChanged | SourceUnreadable> => {
-        let bytes: Uint8Array | undefined
+        let bytes: Buffer | undefined
         try {
-          bytes = source.readNow!()
+          bytes = source.readFramed!()
         } catch (e) {
           const code = (e as NodeJS.ErrnoException).code
           return code === "ENOENT" || code === "ENOTDIR"
             ? Effect.fail(new SourceChanged({ path: source.path }))
             : Effect.fail(new SourceUnreadable({ path: source.path, message: (e as Error).message }))
         }
-        return bytes === undefined ? Effect.fail(new SourceChanged({ path: source.path })) : writeBytes(source, bytes)
+        return bytes === undefined ? Effect.fail(new SourceChanged({ path: source.path })) : writeFramed(source, bytes)
       })
     }
 
@@ -358,11 +361,15 @@ export const makeDestinationWorker = (
           for (let i = p.lastIndexOf("/"); i > 0; i = p.lastIndexOf("/", i - 1)) if (removedSet.has(p.slice(0, i))) return true
           return false
         }
+        const depth = (p: string) => {
+          let n = 0
+          for (let i = p.indexOf("/"); i >= 0; i = p.indexOf("/", i + 1)) n++
+          return n
+        }
         const ordered = changes
           .filter((c) => !(c.kind === "remove" && coveredByRemoval(c.path)))
-          .sort((a, b) =>
-            a.kind !== b.kind ? (a.kind === "remove" ? -1 : 1) : a.path.split("/").length - b.path.split("/").length || (a.path < b.path ? -1 : 1)
-          )
+          .map((c) => ({ ...c, depth: depth(c.path) }))
+          .sort((a, b) => (a.kind !== b.kind ? (a.kind === "remove" ? -1 : 1) : a.depth - b.depth || (a.path < b.path ? -1 : 1)))
         for (const c of changes) if (c.kind === "remove" && coveredByRemoval(c.path)) unapplied.delete(c.path)
 
         // Safety: removals while the source root is gone are the root vanishing, not the user deleting.

@@ -231,6 +231,13 @@ export const encodeChunk = (ch: number, seq: number, payload: Uint8Array): Buffe
   return frame
 }
 
+/** The same in place: `framed` holds the payload after `CHUNK_HEADER_BYTES` it overwrites with the header. */
+export const frameChunk = (ch: number, seq: number, framed: Buffer): Buffer => {
+  framed.writeUInt32BE(ch, 0)
+  framed.writeUInt32BE(seq, 4)
+  return framed
+}
+
 export const decodeChunk = (frame: Buffer): { readonly ch: number; readonly seq: number; readonly payload: Buffer } | undefined =>
   frame.byteLength < CHUNK_HEADER_BYTES
     ? undefined

@@ -15,11 +15,13 @@ import { ConnectError, DaemonLocator, type Endpoint } from "./DaemonLocator.js"
 import {
   Abort,
   CHUNK_BYTES,
+  CHUNK_HEADER_BYTES,
   Close,
   type DaemonMessage,
   decodeDaemonMessage,
   encodeChunk,
   encodeClientMessage,
+  frameChunk,
   Hello,
   ListManifest,
   type ManifestEntry,
@@ -71,8 +73,12 @@ export interface FileSource {
   readonly size: number
   readonly mode: number
   readonly mtime: number
-  /** A small file's bytes, read at once; `undefined` if it changed since it was seen; throws if unreadable. */
-  readonly readNow?: () => Uint8Array | undefined
+  /**
+   * A small file read at once, into a buffer whose first `CHUNK_HEADER_BYTES` are left free for the
+   * frame header (so its bytes are never copied); `undefined` if it changed since it was seen; throws
+   * if unreadable.
+   */
+  readonly readFramed?: () => Buffer | undefined
   /** Produces the file's bytes in order, calling `emit` for each chunk and awaiting it. */
   readonly read: (
     emit: (chunk: Uint8Array) => Effect.Effect<void, ConnectionLost>
@@ -91,12 +97,12 @@ export interface Session {
    */
   readonly write: (source: FileSource) => Effect.Effect<Ack, ConnectionLost | SourceChanged | SourceUnreadable>
   /**
-   * The same for a file already read into memory (small files in a big sync): one cheap effect,
+   * The same for a file already read by `readFramed` (small files in a big sync): one cheap effect,
    * waiting only when the credit window is full. Optional: test doubles may leave it out.
    */
-  readonly writeBytes?: (
+  readonly writeFramed?: (
     file: { readonly path: string; readonly mode: number; readonly mtime: number },
-    bytes: Uint8Array
+    framed: Buffer
   ) => Effect.Effect<Ack, ConnectionLost>
   readonly manifest: Effect.Effect<ReadonlyArray<ManifestEntry>, OperationFailed | ConnectionLost>
   /** Completes when the session is gone. */
@@ -456,25 +462,27 @@ export const openLink = (
           return ack
         })
 
-      const sendBytes = (file: { readonly path: string; readonly mode: number; readonly mtime: number }, bytes: Uint8Array): Ack => {
+      const sendFramed = (file: { readonly path: string; readonly mode: number; readonly mtime: number }, framed: Buffer): Ack => {
         const { ack, seq } = register(file.path)
+        const size = framed.byteLength - CHUNK_HEADER_BYTES
         // Plain JSON of a Write: its Schema encoding is the identity, and this runs once per file.
-        put(JSON.stringify({ _tag: "Write", ch, seq, path: file.path, size: bytes.byteLength, mode: file.mode, mtime: file.mtime }))
-        if (bytes.byteLength > 0) put(encodeChunk(ch, seq, bytes))
+        put(JSON.stringify({ _tag: "Write", ch, seq, path: file.path, size, mode: file.mode, mtime: file.mtime }))
+        if (size > 0) put(frameChunk(ch, seq, framed))
         return ack
       }
-      const writeBytes = (file: { readonly path: string; readonly mode: number; readonly mtime: number }, bytes: Uint8Array) =>
+      const writeFramed = (file: { readonly path: string; readonly mode: number; readonly mtime: number }, framed: Buffer) =>
         Effect.suspend((): Effect.Effect<Ack, ConnectionLost> => {
-          if (bytes.byteLength > CHUNK_BYTES) return Effect.dieMessage("writeBytes takes at most one chunk")
+          const size = framed.byteLength - CHUNK_HEADER_BYTES
+          if (size > CHUNK_BYTES) return Effect.dieMessage("writeFramed takes at most one chunk")
           if (lostWith !== undefined || ws.readyState !== WebSocket.OPEN) {
             loseChannel(lostWith?.message ?? "connection closed")
             return Effect.fail(lostWith!)
           }
-          if (window >= bytes.byteLength) {
-            window -= bytes.byteLength
-            return Effect.succeed(sendBytes(file, bytes))
+          if (window >= size) {
+            window -= size
+            return Effect.succeed(sendFramed(file, framed))
           }
-          return Effect.flatMap(takeCredit(bytes.byteLength), () => Effect.map(ensureOpen, () => sendBytes(file, bytes)))
+          return Effect.flatMap(takeCredit(size), () => Effect.map(ensureOpen, () => sendFramed(file, framed)))
         })
 
       const manifest = Effect.gen(function* () {
@@ -486,7 +494,7 @@ export const openLink = (
         return entries
       })
 
-      const session: Session = { root, send, write, writeBytes, manifest, closed: Deferred.await(channelClosed) }
+      const session: Session = { root, send, write, writeFramed, manifest, closed: Deferred.await(channelClosed) }
       return { session, close }
     }
 
