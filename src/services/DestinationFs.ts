@@ -144,9 +144,8 @@ export interface DestinationFsApi {
   /** Walks the root with lstat (symlinks not followed), skipping our temp files. */
   readonly manifest: (root: string) => Stream.Stream<ManifestEntry, DestinationIoError>
   /**
-   * The same walk in pages of at most `pageSize` entries (the last one may be shorter; none are empty).
-   * Directories are read and entries lstat'ed concurrently, a bounded number at a time; the walk stays at
-   * most a couple of pages ahead of its consumer.
+   * The same walk in pages of at most `pageSize` entries (the last one may be shorter; none are empty),
+   * each read when the consumer pulls it.
    */
   readonly manifestPages: (root: string, pageSize: number) => Stream.Stream<ReadonlyArray<ManifestEntry>, DestinationIoError>
 }
@@ -233,8 +232,7 @@ const O_TEMP = fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXC
 const DIR_TTL_MS = 1_000
 const MAX_CACHED_DIRS = 50_000
 
-/** Directories read and entries lstat'ed at once by the manifest walk. */
-const WALK_CONCURRENCY = 8
+/** Directory entries the manifest walk reads from the kernel at once. */
 const WALK_BATCH = 128
 
 export const make = (options: { readonly home: string }): DestinationFsApi => {
@@ -712,132 +710,74 @@ export const make = (options: { readonly home: string }): DestinationFsApi => {
   // ---- manifest ---------------------------------------------------------------------------------
 
   /**
-   * A pull-based walk: `next()` resolves to the next page, or `undefined` at the end. Up to
-   * `WALK_CONCURRENCY` steps run at once, each reading up to `WALK_BATCH` entries of one directory and
-   * lstat'ing them together; a directory not read to its end is continued by the next free step (before
-   * any new directory is opened, so few are open at once). Steps stop starting while two pages wait.
+   * Walks the tree one page at a time with synchronous calls: a page of `pageSize` entries blocks for a
+   * few milliseconds, while the same lstats through the thread pool cost several times that in waking
+   * its threads (measured: 22,000 entries, daemon CPU 660-900 ms with async calls). Between pages the
+   * caller sends the page, so other sessions are served in between.
    */
   const walkManifest = (root: string, pageSize: number) => {
     const pending: Array<string> = [""]
-    const continued: Array<{ readonly rel: string; readonly dir: fs.Dir }> = []
-    const pages: Array<Array<ManifestEntry>> = []
-    let page: Array<ManifestEntry> = []
-    let running = 0
-    let failure: { readonly cause: unknown } | undefined
+    let open: { readonly prefix: string; readonly dir: fs.Dir } | undefined
     let cancelled = false
-    let waiter: (() => void) | undefined
-    const wake = () => {
-      const w = waiter
-      waiter = undefined
-      w?.()
-    }
-    const emit = (entry: ManifestEntry) => {
-      page.push(entry)
-      if (page.length >= pageSize) {
-        pages.push(page)
-        page = []
-      }
-    }
-    const closeDir = (dir: fs.Dir) => void dir.close().catch(noop)
-
-    const stepDir = async (rel: string, opened: fs.Dir | undefined) => {
-      let dir = opened
-      if (dir === undefined) {
-        try {
-          dir = await fsp.opendir(rel === "" ? root : root + "/" + rel, { bufferSize: WALK_BATCH })
-        } catch (e) {
-          if (errnoCode(e) === "ENOENT" || errnoCode(e) === "ENOTDIR") return // vanished meanwhile
-          throw e
-        }
-      }
-      const batch: Array<string> = []
-      let ended = false
+    const close = () => {
+      const dir = open?.dir
+      open = undefined
       try {
-        while (batch.length < WALK_BATCH) {
-          const dirent = await dir.read()
-          if (dirent === null) {
-            ended = true
-            break
+        dir?.closeSync()
+      } catch {
+        // closed already
+      }
+    }
+    const nextPage = (): ReadonlyArray<ManifestEntry> | undefined => {
+      const page: Array<ManifestEntry> = []
+      try {
+        while (page.length < pageSize && !cancelled) {
+          if (open === undefined) {
+            const rel = pending.pop()
+            if (rel === undefined) break
+            try {
+              open = { prefix: rel === "" ? "" : rel + "/", dir: fs.opendirSync(rel === "" ? root : root + "/" + rel, { bufferSize: WALK_BATCH }) }
+            } catch (e) {
+              if (errnoCode(e) === "ENOENT" || errnoCode(e) === "ENOTDIR") continue // vanished meanwhile
+              throw e
+            }
           }
-          if (!isTempName(dirent.name)) batch.push(dirent.name)
+          const dirent = open.dir.readSync()
+          if (dirent === null) {
+            close()
+            continue
+          }
+          if (isTempName(dirent.name)) continue
+          const entryPath = open.prefix + dirent.name
+          const st = fs.lstatSync(root + "/" + entryPath, { throwIfNoEntry: false })
+          if (st === undefined) continue
+          const mode = st.mode & 0o7777
+          if (st.isDirectory()) {
+            page.push({ path: entryPath, type: "dir", size: 0, mtime: st.mtimeMs, mode })
+            pending.push(entryPath)
+          } else if (st.isFile()) {
+            page.push({ path: entryPath, type: "file", size: st.size, mtime: st.mtimeMs, mode })
+          } else if (st.isSymbolicLink()) {
+            let target: string | undefined
+            try {
+              target = fs.readlinkSync(root + "/" + entryPath)
+            } catch (e) {
+              if (errnoCode(e) !== "ENOENT") throw e
+            }
+            if (target !== undefined) page.push({ path: entryPath, type: "symlink", size: st.size, mtime: st.mtimeMs, mode, target })
+          }
+          // sockets, fifos and devices are not mirrored
         }
       } catch (e) {
-        closeDir(dir)
+        close()
         throw e
       }
-      if (ended || cancelled) closeDir(dir)
-      else {
-        continued.push({ rel, dir })
-        pump()
-      }
-      const prefix = rel === "" ? "" : rel + "/"
-      const stats = await Promise.all(batch.map((name) => lstatOrUndefined(root + "/" + prefix + name)))
-      const links: Array<Promise<void>> = []
-      for (let i = 0; i < batch.length; i++) {
-        const st = stats[i]
-        if (st === undefined) continue
-        const entryPath = prefix + batch[i]!
-        const mode = st.mode & 0o7777
-        if (st.isDirectory()) {
-          emit({ path: entryPath, type: "dir", size: 0, mtime: st.mtimeMs, mode })
-          pending.push(entryPath)
-        } else if (st.isFile()) {
-          emit({ path: entryPath, type: "file", size: st.size, mtime: st.mtimeMs, mode })
-        } else if (st.isSymbolicLink()) {
-          links.push(
-            ignoreMissing(fsp.readlink(root + "/" + entryPath)).then((target) => {
-              if (target !== undefined) emit({ path: entryPath, type: "symlink", size: st.size, mtime: st.mtimeMs, mode, target })
-            })
-          )
-        }
-        // sockets, fifos and devices are not mirrored
-      }
-      await Promise.all(links)
+      return page.length === 0 ? undefined : page
     }
-
-    const pump = () => {
-      while (!cancelled && failure === undefined && running < WALK_CONCURRENCY && pages.length < 2) {
-        const cont = continued.pop()
-        const rel = cont?.rel ?? pending.pop()
-        if (rel === undefined) break
-        running++
-        stepDir(rel, cont?.dir).then(
-          () => {
-            running--
-            pump()
-            wake()
-          },
-          (cause) => {
-            running--
-            failure ??= { cause }
-            wake()
-          }
-        )
-      }
-    }
-
-    const next = async (): Promise<ReadonlyArray<ManifestEntry> | undefined> => {
-      for (;;) {
-        if (failure !== undefined) throw failure.cause
-        if (pages.length > 0) {
-          const first = pages.shift()!
-          pump()
-          return first
-        }
-        if (running === 0 && continued.length === 0 && pending.length === 0) {
-          if (page.length === 0) return undefined
-          const last = page
-          page = []
-          return last
-        }
-        pump()
-        if (running > 0) await new Promise<void>((resolve) => (waiter = resolve))
-      }
-    }
-
+    const next = () => new Promise<ReadonlyArray<ManifestEntry> | undefined>((resolve) => resolve(nextPage()))
     const cancel = () => {
       cancelled = true
-      for (const { dir } of continued.splice(0)) closeDir(dir)
+      close()
     }
     return { next, cancel }
   }
