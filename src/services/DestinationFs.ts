@@ -500,19 +500,18 @@ export const make = (options: { readonly home: string }): DestinationFsApi => {
   }
 
   /**
-   * A small file in one synchronous go, temp file to rename: the five thread-pool round trips of the
-   * asynchronous calls cost the daemon more CPU than the writes themselves (into the page cache, a few
-   * microseconds each). Returns false when the rename needs `replaceWith` (a directory in the way).
+   * A small file's temp file, written in one synchronous go: the four thread-pool round trips of the
+   * asynchronous calls cost the daemon more CPU than the calls themselves (into the page cache, a few
+   * microseconds each; on this VM waking a pool thread is a hypercall).
    */
   const writeSmallSync = (
     root: string,
     tempPath: string,
-    target: string,
     chunks: ReadonlyArray<Uint8Array>,
     createdWith: number,
     mode: number,
     mtimeMs: number
-  ): boolean => {
+  ): void => {
     const call = <A>(op: string, p: string, f: () => A): A => {
       try {
         return f()
@@ -533,14 +532,6 @@ export const make = (options: { readonly home: string }): DestinationFsApi => {
       call("utimes", tempPath, () => fs.futimesSync(fd, seconds, seconds))
       open = false
       call("close", tempPath, () => fs.closeSync(fd))
-      try {
-        fs.renameSync(tempPath, target)
-        return true
-      } catch (e) {
-        const code = errnoCode(e)
-        if (code === "EISDIR" || code === "ENOTEMPTY" || code === "EEXIST") return false
-        throw ioError("rename", target, e)
-      }
     } catch (e) {
       if (open) fs.close(fd, noop)
       fs.unlink(tempPath, noop)
@@ -559,7 +550,17 @@ export const make = (options: { readonly home: string }): DestinationFsApi => {
       const { target, tempPath } = await writePaths(root, rel)
       const createdWith = mode & 0o777
       if (chunks.reduce((n, c) => n + c.byteLength, 0) <= SYNC_WRITE_BYTES) {
-        if (writeSmallSync(root, tempPath, target, chunks, createdWith, mode, mtimeMs)) return
+        writeSmallSync(root, tempPath, chunks, createdWith, mode, mtimeMs)
+        // A new name is linked at once; replacing a file is an asynchronous rename, as renaming over
+        // a file makes ext4 start writing the new data out (auto_da_alloc), which must not hold up the
+        // event loop. link(2) fails on anything already there, and where links are not supported.
+        try {
+          fs.linkSync(tempPath, target)
+          fs.unlinkSync(tempPath)
+          return
+        } catch {
+          // replaced below
+        }
         return await replaceWith(tempPath, target).catch(async (e) => {
           await unlinkP(tempPath).catch(noop)
           throw e
