@@ -9,6 +9,9 @@
  *                                       big sync vs `rsync -a --delete`: initial, no-change, checkout
  *   scripts/bench reconcile --ssh       the same through a real sshd on 127.0.0.1, against rsync over
  *                                       that sshd
+ *   scripts/bench independence [--edits N]
+ *                                       latency to one destination while another of the same project
+ *                                       (through a loopback TCP proxy) is healthy, then blackholed
  *   scripts/bench scale [--projects N] [--files N] [--edits N] [--hosts 1|2] [--trace]
  *                                       N projects × 2 destinations in one `sicksync --all` process,
  *                                       over SSH to sshd on 127.0.0.1: start-up until every destination
@@ -146,12 +149,14 @@ const latency = async () => {
 // ---- latency over SSH ---------------------------------------------------------------------------
 
 /** The tests' sshd harness (TypeScript), bundled on the fly. */
-const loadSshHarness = async () => {
+/** A module of the tests' harness (`test/support/<name>.ts`), bundled for this run. */
+const loadSupport = async (name) => {
   const { build } = await import("esbuild")
-  const out = path.join(base, "sshd-harness.mjs")
-  await build({ entryPoints: [path.join(root, "test/support/sshd.ts")], bundle: true, platform: "node", format: "esm", outfile: out, packages: "external", logLevel: "warning" })
+  const out = path.join(base, `${name}-harness.mjs`)
+  await build({ entryPoints: [path.join(root, `test/support/${name}.ts`)], bundle: true, platform: "node", format: "esm", outfile: out, packages: "external", logLevel: "warning" })
   return import(out)
 }
+const loadSshHarness = () => loadSupport("sshd")
 
 /**
  * One sshd on 127.0.0.1 (the tests' harness) that the bench's $HOME trusts and logs in to with its own
@@ -256,6 +261,64 @@ sync { default.rsyncssh, source = "${lsrc}", host = "${user}@127.0.0.1", targetd
   console.log(`save-to-remote latency over ${edits} single-file edits through sshd on 127.0.0.1 (ms)`)
   console.log(`${"".padEnd(30)}    p50     p95     p99`)
   for (const r of results) console.log(`${r.label.padEnd(30)}${fmt(r.p50)} ${fmt(r.p95)} ${fmt(r.p99)}`)
+}
+
+// ---- independence -------------------------------------------------------------------------------
+
+/**
+ * Two destinations of one project on one sshd: `direct`, and `proxied` through a loopback TCP proxy.
+ * Save-to-remote latency to `direct` while `proxied` is healthy, then while it is blackholed (its
+ * link stalls, is declared lost, and keeps being retried).
+ */
+const independence = async () => {
+  const edits = flag("edits", 200)
+  const { sshd, user, remoteDir } = await sshHost()
+  const { startProxy } = await loadSupport("proxy")
+  const proxy = await startProxy({ host: "127.0.0.1", port: sshd.port })
+  children.push({ kill: () => void proxy.close() })
+  fs.appendFileSync(path.join(home, ".ssh", "known_hosts"), `${sshd.knownHostsLine({ port: proxy.port })}\n`)
+  const direct = remoteDir("direct")
+  const proxied = remoteDir("proxied")
+  const dest = (name, port, dir) => ({ name, hostname: "127.0.0.1", port, username: user, destinationLocation: dir, websocketPort: 0 })
+  writeConfig([dest("direct", sshd.port, direct), dest("proxied", proxy.port, proxied)])
+  const client = spawn(process.execPath, [bundle], { cwd: project, env: sshEnv, stdio: ["ignore", "pipe", "inherit"] })
+  children.push(client)
+  let out = ""
+  client.stdout.on("data", (d) => (out += d))
+  const waitFor = async (pattern, what) => {
+    const deadline = Date.now() + 60_000
+    while (!pattern.test(out)) {
+      if (Date.now() > deadline) throw new Error(`sicksync: no ${what}:\n${out}`)
+      await sleep(20)
+    }
+  }
+  await waitFor(/\[direct\] in sync[^]*\[proxied\] in sync|\[proxied\] in sync[^]*\[direct\] in sync/, "in sync on both destinations")
+
+  const measure = async (label) => {
+    const samples = []
+    for (let i = 0; i < edits; i++) {
+      const content = `${label} edit ${i} ${Math.random()}\n`.repeat(1 + (i % 20))
+      const arrived = arrival(direct, "edited.txt", content)
+      const t0 = performance.now()
+      fs.writeFileSync(path.join(project, "edited.txt"), content)
+      samples.push((await arrived) - t0)
+      await sleep(flag("gap", 15))
+    }
+    samples.sort((a, b) => a - b)
+    return { label, p50: percentile(samples, 50), p95: percentile(samples, 95), p99: percentile(samples, 99) }
+  }
+  const healthy = await measure("proxied healthy")
+  proxy.setMode("blackhole")
+  const blackholed = await measure("proxied blackholed")
+  const lost = /\[proxied\].*connection lost/.test(out)
+  client.kill("SIGTERM")
+  await proxy.close()
+  await sshd.stop()
+
+  console.log(`save-to-remote latency to "direct" over ${edits} edits each, while "proxied" (same project, same sshd, through a loopback proxy) is (ms)`)
+  console.log(`${"".padEnd(22)}    p50     p95     p99`)
+  for (const r of [healthy, blackholed]) console.log(`${r.label.padEnd(22)}${fmt(r.p50)} ${fmt(r.p95)} ${fmt(r.p99)}`)
+  console.log(`p50 ratio ${(blackholed.p50 / healthy.p50).toFixed(2)} (target ≤ 1.5); the blackholed link was ${lost ? "declared lost during the run" : "NOT yet declared lost"}`)
 }
 
 // ---- scale ----------------------------------------------------------------------------------------
@@ -597,9 +660,10 @@ const reconcile = async () => {
 try {
   if (mode === "latency") await (rest.includes("--ssh") ? latencySsh() : latency())
   else if (mode === "reconcile") await reconcile()
+  else if (mode === "independence") await independence()
   else if (mode === "scale") await scale()
   else {
-    console.error(`error: unknown benchmark "${mode}": expected latency, reconcile or scale`)
+    console.error(`error: unknown benchmark "${mode}": expected latency, reconcile, independence or scale`)
     process.exitCode = 2
   }
 } finally {

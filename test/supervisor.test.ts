@@ -166,8 +166,12 @@ describe("Supervisor with a legacy ~/.sicksync/config.json", () => {
       yield* eventually(() => h.remote.applied.get("ha")?.includes("Write one.txt in a"), "a syncs")
       yield* eventually(() => h.remote.applied.get("hb")?.includes("Write two.txt in b"), "b syncs")
 
+      const bInSync = () => h.logs.filter((l) => l.startsWith("[b]") && l.includes("in sync")).length
+      const before = bInSync()
       fs.writeFileSync(legacyFile, legacy(["*.tmp"]))
       yield* eventually(() => h.logs.some((l) => l.startsWith("[b]") && l.includes("changed: restarting with the new settings")), "b reloaded")
+      // the fake remote lists the local tree as it is: edits are only seen once b watches again
+      yield* eventually(() => bInSync() > before, "b running on its new config")
       fs.writeFileSync(path.join(b, "scratch.tmp"), "excluded now")
       fs.writeFileSync(path.join(b, "kept.txt"), "kept")
       fs.writeFileSync(path.join(a, "still.txt"), "still")
