@@ -246,6 +246,28 @@ describe("reconciliation in the worker", () => {
     })
   )
 
+  it.live("a change the daemon refuses as too busy is sent again; one that fails for good fails a once run", () =>
+    Effect.gen(function* () {
+      const root = tmpRoot()
+      fs.writeFileSync(path.join(root, "busy.txt"), "busy")
+      fs.writeFileSync(path.join(root, "broken.txt"), "broken")
+      fs.writeFileSync(path.join(root, "fine.txt"), "fine")
+      const remote = yield* fakeRemote
+      remote.manifests.set("one", [])
+      remote.refuse.set("one busy.txt", ["protocol", "protocol"])
+      remote.refuse.set("one broken.txt", ["io"])
+      const error = yield* makeDestinationWorker(project(root, "one"), dest("one"), none, fast, "once").pipe(
+        Effect.flatMap((w) => Effect.flip(w.run)),
+        Effect.provide(remote.layer)
+      )
+      expect(error.message).toMatch(/1 change\(s\) could not be applied/)
+      const applied = remote.applied.get("one") ?? []
+      expect(applied.filter((op) => op === "Write busy.txt busy")).toHaveLength(3) // refused twice, then acked
+      expect(applied.filter((op) => op === "Write broken.txt broken")).toHaveLength(1) // an io error is not retried
+      expect(applied).toContain("Write fine.txt fine")
+    })
+  )
+
   it.live("an empty source facing a full destination halts instead of deleting", () =>
     Effect.gen(function* () {
       const root = tmpRoot()

@@ -196,6 +196,8 @@ const verb: Record<Plan["kind"], string> = { remove: "remove", mkdir: "mkdir", s
 
 /** How old a scan may be and still serve a reconciliation after a (re)connect. */
 const SCAN_REUSE_MS = 2_000
+/** Times a change the daemon refused for the protocol's reasons is sent again before it counts as failed. */
+const MAX_RETRIES = 5
 
 /**
  * One local scan serves every destination reconciling at about the same time. Reusing a scan that
@@ -300,6 +302,9 @@ export const makeDestinationWorker = (
 
     /** Set when a file changed while being read: it stays dirty and is read again after `settle`. */
     let settling = false
+    /** Refusals of each path in a row, and the changes that could not be applied (a `once` run fails with them). */
+    const retries = new Map<string, number>()
+    let failures = 0
 
     const reconcile = (session: Session, notBefore: number) =>
       Effect.gen(function* () {
@@ -418,9 +423,22 @@ export const makeDestinationWorker = (
           for (const { ack, kind, plan } of acks) {
             const result = yield* Effect.either(ack)
             if (result._tag === "Left" && result.left._tag === "ConnectionLost") return yield* result.left
+            // A refusal of the protocol's kind (the daemon too busy, a write it gave up) is tried again,
+            // a few times, after a pause; a filesystem or confinement error is reported and counted.
+            if (result._tag === "Left" && result.left._tag === "OperationFailed" && (result.left.code === "protocol" || result.left.code === "aborted")) {
+              const tries = (retries.get(plan.path) ?? 0) + 1
+              retries.set(plan.path, tries)
+              if (tries <= MAX_RETRIES) {
+                settling = true
+                yield* Effect.logWarning(`${verb[plan.kind]} ${plan.path} refused (${result.left.message}); trying again`)
+                continue
+              }
+            }
             if (unapplied.get(plan.path) === kind) unapplied.delete(plan.path)
+            retries.delete(plan.path)
             if (bar !== undefined) yield* bar.advance(plan.kind === "write" ? plan.source.size : 0)
             if (result._tag === "Left") {
+              failures++
               yield* Effect.logError(`${verb[plan.kind]} ${plan.path} failed: ${result.left.message}`)
             } else if (!quiet && (shown < 20 || acks.length <= 25)) {
               shown++
@@ -507,7 +525,10 @@ export const makeDestinationWorker = (
             return yield* Effect.raceFirst(pump(session), Effect.flatMap(session.closed, Effect.fail))
           })
         ).pipe(Effect.either)
-        if (outcome._tag === "Right") return
+        if (outcome._tag === "Right") {
+          if (failures > 0) return yield* halt(`${failures} change(s) could not be applied (see above)`)
+          return
+        }
         const error = outcome.left
         switch (error._tag) {
           case "ConnectError":

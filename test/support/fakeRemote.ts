@@ -8,7 +8,7 @@ import { ConnectError } from "../../src/services/DaemonLocator.js"
 import { none } from "../../src/services/Excludes.js"
 import * as Progress from "../../src/services/Progress.js"
 import * as Status from "../../src/services/Status.js"
-import { ConnectionLost, RemoteConnection, type Session } from "../../src/services/RemoteConnection.js"
+import { ConnectionLost, OperationFailed, RemoteConnection, type Session } from "../../src/services/RemoteConnection.js"
 
 /**
  * A remote that records what reaches each destination. A destination can be offline (open fails),
@@ -22,9 +22,17 @@ export const fakeRemote = Effect.gen(function* () {
   const opens = new Map<string, number>()
   /** What a destination lists; by default exactly the local tree at that moment (already in sync). */
   const manifests = new Map<string, ReadonlyArray<ManifestEntry>>()
+  /** `dest path` → how the daemon answers the next operations on it (one answer each, then acks). */
+  const refuse = new Map<string, Array<OperationFailed["code"]>>()
+  const refusal = (d: string, p: string) => {
+    const code = refuse.get(`${d} ${p}`)?.shift()
+    return code === undefined ? undefined : new OperationFailed({ dest: d, path: p, code, message: `refused (${code})` })
+  }
   const record = (d: string, entry: string) => applied.set(d, [...(applied.get(d) ?? []), entry])
-  const ackFor = (d: string, closed: Deferred.Deferred<ConnectionLost>) =>
+  const ackFor = (d: string, closed: Deferred.Deferred<ConnectionLost>, p: string) =>
     Effect.gen(function* () {
+      const refused = refusal(d, p)
+      if (refused !== undefined) return yield* refused
       const gate = held.get(d)
       if (gate !== undefined) yield* Deferred.await(gate)
       if (yield* Deferred.isDone(closed)) return yield* Effect.flatMap(Deferred.await(closed), Effect.fail)
@@ -43,15 +51,16 @@ export const fakeRemote = Effect.gen(function* () {
             root: d.destinationLocation,
             send: (op) =>
               Effect.sync(() => {
-                record(d.name, `${op._tag} ${op._tag === "Rename" ? op.from : op.path}`)
-                return ackFor(d.name, closed)
+                const p = op._tag === "Rename" ? op.from : op.path
+                record(d.name, `${op._tag} ${p}`)
+                return ackFor(d.name, closed, p)
               }),
             write: (source) =>
               Effect.gen(function* () {
                 const parts: Array<Uint8Array> = []
                 yield* source.read((chunk) => Effect.sync(() => void parts.push(chunk)))
                 record(d.name, `Write ${source.path} ${Buffer.concat(parts).toString()}`)
-                return ackFor(d.name, closed)
+                return ackFor(d.name, closed, source.path)
               }),
             manifest: Effect.suspend(() => {
               const given = manifests.get(d.name)
@@ -67,5 +76,5 @@ export const fakeRemote = Effect.gen(function* () {
         })
     })
   )
-  return { applied, offline, sessions, held, opens, manifests, layer: Layer.mergeAll(layer, Progress.layerNone, Status.layerNone) }
+  return { applied, offline, sessions, held, opens, manifests, refuse, layer: Layer.mergeAll(layer, Progress.layerNone, Status.layerNone) }
 })
