@@ -41,6 +41,7 @@ import {
   type Hello,
   type ManifestEntry,
   MAX_FRAME_BYTES,
+  MAX_OPEN_WRITES,
   type Open,
   Opened,
   OpenFailed,
@@ -419,7 +420,6 @@ const MAX_QUEUED_TEXT = 64 * 1024 * 1024
 /** Frames are routed as they come; this only bounds a session whose router falls far behind. */
 const MAX_UNROUTED = 8 * MAX_QUEUED_BINARY
 const MAX_CHANNELS = 4096
-const MAX_OPEN_WRITES = 256
 const MAX_REMEMBERED_FAILED = 4096
 const MANIFEST_PAGE = 1000
 /** A write up to this size whose bytes are not all there when it may start waits a moment for them. */
@@ -1138,6 +1138,7 @@ const operations = (chan: Channel, ctx: SessionContext, root: string) =>
         const why = message._tag === "Write" && writes.size >= MAX_OPEN_WRITES
           ? `more than ${MAX_OPEN_WRITES} concurrent writes`
           : `more than ${MAX_UNFINISHED} operations waiting on unfinished writes`
+        warnNow(`op ${seq} refused: ${why} (unfinished ${unfinished}, runnable ${busy}, open writes ${writes.size}, waiting for bytes ${[...writes.values()].filter((w) => w.received < w.size).length})`)
         return failNow(seq, "protocol", why)
       }
       switch (message._tag) {
@@ -1262,6 +1263,12 @@ const operations = (chan: Channel, ctx: SessionContext, root: string) =>
         if (handled === "close") return
         if (handled !== "continue") {
           if (!hasRoom()) yield* room
+          else if (unfinished >= MAX_PENDING) {
+            // Nothing counts as runnable, but operations woken by this very batch (a write whose last
+            // chunk just came) only run once the loop yields: let them, before taking on more.
+            yield* Effect.yieldNow()
+            if (!hasRoom()) yield* room
+          }
           startOperation(handled.start)
         }
       }

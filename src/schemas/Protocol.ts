@@ -34,8 +34,10 @@ export const PROTOCOL_VERSION = 2
 export const CHUNK_BYTES = 1024 * 1024
 /** Largest frame the daemon accepts; anything bigger closes the session (1009). */
 export const MAX_FRAME_BYTES = CHUNK_BYTES + 64 * 1024
-/** Unacknowledged chunk bytes a client may have in flight per session. */
+/** Unacknowledged chunk bytes a client may have in flight per channel. */
 export const WINDOW_BYTES = 8 * CHUNK_BYTES
+/** Unanswered `Write`s a client may have per channel; the daemon refuses a Write beyond them. */
+export const MAX_OPEN_WRITES = 256
 
 const Seq = Schema.Int.pipe(Schema.between(0, 0xffffffff))
 /** A channel of the session; absent on the wire means channel 0. */

@@ -25,6 +25,7 @@ import {
   Hello,
   ListManifest,
   type ManifestEntry,
+  MAX_OPEN_WRITES,
   Mkdir,
   Open,
   PROTOCOL_VERSION,
@@ -122,6 +123,7 @@ interface Pending {
   readonly path: string
   readonly done: Deferred.Deferred<void, OperationFailed | ConnectionLost>
   readonly entries?: Array<ManifestEntry>
+  readonly write?: true
 }
 
 /** What the link needs of a channel: the daemon's replies on it, and the news that the link is gone. */
@@ -320,6 +322,8 @@ export const openLink = (
       // Flow-control window in bytes; writers wait on `creditWaiters` when it runs out.
       let window = WINDOW_BYTES
       const creditWaiters = new Set<() => void>()
+      let openWrites = 0
+      const writeWaiters = new Set<() => void>()
       let lostWith: ConnectionLost | undefined
       let onClosed: (() => void) | undefined
 
@@ -332,6 +336,8 @@ export const openLink = (
         pending.clear()
         for (const wake of creditWaiters) wake()
         creditWaiters.clear()
+        for (const wake of writeWaiters) wake()
+        writeWaiters.clear()
         onClosed?.()
       }
 
@@ -342,12 +348,14 @@ export const openLink = (
             case "Ack": {
               const p = pending.get(message.seq)
               pending.delete(message.seq)
+              answered(p)
               if (p !== undefined) Deferred.unsafeDone(p.done, Effect.void)
               return
             }
             case "OpFailed": {
               const p = pending.get(message.seq)
               pending.delete(message.seq)
+              answered(p)
               const failure = new OperationFailed({ dest: destName, path: p?.path ?? "?", code: message.code, message: message.message })
               if (p !== undefined) Deferred.unsafeDone(p.done, Effect.fail(failure))
               return
@@ -392,6 +400,31 @@ export const openLink = (
         pending.set(seq, entries === undefined ? { path, done } : { path, done, entries })
         return { seq, ack: Deferred.await(done) }
       }
+      const registerWrite = (path: string) => {
+        const seq = nextSeq
+        nextSeq = nextSeq >= 0xffffffff ? 1 : nextSeq + 1
+        const done = Deferred.unsafeMake<void, OperationFailed | ConnectionLost>(FiberId.none)
+        pending.set(seq, { path, done, write: true })
+        openWrites++
+        return { seq, ack: Deferred.await(done) }
+      }
+      /** An answered Write frees its place among the `MAX_OPEN_WRITES`. */
+      const answered = (p: Pending | undefined) => {
+        if (p?.write !== true) return
+        openWrites--
+        for (const wake of writeWaiters) wake()
+        writeWaiters.clear()
+      }
+      /** Waits while `MAX_OPEN_WRITES` Writes are unanswered (many small files outrun the byte window). */
+      const takeWriteSlot: Effect.Effect<void, ConnectionLost> = Effect.suspend(() =>
+        openWrites < MAX_OPEN_WRITES
+          ? Effect.void
+          : Effect.async<void>((resume) => {
+            const wake = () => resume(Effect.void)
+            writeWaiters.add(wake)
+            return Effect.sync(() => writeWaiters.delete(wake))
+          }).pipe(Effect.zipRight(ensureOpen), Effect.zipRight(takeWriteSlot))
+      )
 
       const frame = (data: string | Buffer) =>
         Effect.suspend(() => {
@@ -434,7 +467,8 @@ export const openLink = (
       const write = (source: FileSource) =>
         Effect.gen(function* () {
           yield* ensureOpen
-          const { ack, seq } = register(source.path)
+          yield* takeWriteSlot
+          const { ack, seq } = registerWrite(source.path)
           yield* frame(
             encodeClientMessage(new Write({ ch, seq, path: source.path, size: source.size, mode: source.mode, mtime: source.mtime }))
           )
@@ -463,7 +497,7 @@ export const openLink = (
         })
 
       const sendFramed = (file: { readonly path: string; readonly mode: number; readonly mtime: number }, framed: Buffer): Ack => {
-        const { ack, seq } = register(file.path)
+        const { ack, seq } = registerWrite(file.path)
         const size = framed.byteLength - CHUNK_HEADER_BYTES
         // Plain JSON of a Write: its Schema encoding is the identity, and this runs once per file.
         put(JSON.stringify({ _tag: "Write", ch, seq, path: file.path, size, mode: file.mode, mtime: file.mtime }))
@@ -478,11 +512,15 @@ export const openLink = (
             loseChannel(lostWith?.message ?? "connection closed")
             return Effect.fail(lostWith!)
           }
-          if (window >= size) {
+          if (window >= size && openWrites < MAX_OPEN_WRITES) {
             window -= size
             return Effect.succeed(sendFramed(file, framed))
           }
-          return Effect.flatMap(takeCredit(size), () => Effect.map(ensureOpen, () => sendFramed(file, framed)))
+          return takeWriteSlot.pipe(
+            Effect.zipRight(takeCredit(size)),
+            Effect.zipRight(ensureOpen),
+            Effect.map(() => sendFramed(file, framed))
+          )
         })
 
       const manifest = Effect.gen(function* () {
