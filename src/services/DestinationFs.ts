@@ -235,6 +235,8 @@ const MAX_CACHED_DIRS = 50_000
 /** Directory entries the manifest walk reads from the kernel at once. */
 const WALK_BATCH = 128
 
+type ParentWalk = (root: string, rel: string, segments: ReadonlyArray<string>, create: boolean) => Promise<string | undefined>
+
 export const make = (options: { readonly home: string }): DestinationFsApi => {
   const home = path.resolve(options.home)
   const stateDir = path.join(home, ".sicksync")
@@ -324,12 +326,7 @@ export const make = (options: { readonly home: string }): DestinationFsApi => {
    * or `undefined` when a component is missing and `create` is false. Throws `ConfinementError` for a
    * symlinked component that resolves outside the root, `DestinationIoError` otherwise.
    */
-  const resolveParent = async (
-    root: string,
-    rel: string,
-    segments: ReadonlyArray<string>,
-    create: boolean
-  ): Promise<string | undefined> => {
+  const resolveParent: ParentWalk = async (root, rel, segments, create) => {
     const last = segments.length - 1
     if (last <= 0) return root
     const whole = last === 1 ? root + "/" + segments[0] : root + "/" + segments.slice(0, last).join("/")
@@ -345,12 +342,7 @@ export const make = (options: { readonly home: string }): DestinationFsApi => {
   }
   const walking = new Map<string, Promise<string | undefined>>()
 
-  const walkParent = async (
-    root: string,
-    rel: string,
-    segments: ReadonlyArray<string>,
-    create: boolean
-  ): Promise<string | undefined> => {
+  const walkParent: ParentWalk = async (root, rel, segments, create) => {
     const last = segments.length - 1
     const gen = generation
     let current = root
