@@ -393,19 +393,12 @@ export const openLink = (
 
       const ensureOpen = Effect.suspend(() => (lostWith === undefined ? Effect.void : Effect.fail(lostWith)))
 
-      const register = (path: string, entries?: Array<ManifestEntry>) => {
+      const register = (path: string, what: Pick<Pending, "entries" | "write"> = {}) => {
         const seq = nextSeq
         nextSeq = nextSeq >= 0xffffffff ? 1 : nextSeq + 1
         const done = Deferred.unsafeMake<void, OperationFailed | ConnectionLost>(FiberId.none)
-        pending.set(seq, entries === undefined ? { path, done } : { path, done, entries })
-        return { seq, ack: Deferred.await(done) }
-      }
-      const registerWrite = (path: string) => {
-        const seq = nextSeq
-        nextSeq = nextSeq >= 0xffffffff ? 1 : nextSeq + 1
-        const done = Deferred.unsafeMake<void, OperationFailed | ConnectionLost>(FiberId.none)
-        pending.set(seq, { path, done, write: true })
-        openWrites++
+        pending.set(seq, { path, done, ...what })
+        if (what.write) openWrites++
         return { seq, ack: Deferred.await(done) }
       }
       /** An answered Write frees its place among the `MAX_OPEN_WRITES`. */
@@ -468,7 +461,7 @@ export const openLink = (
         Effect.gen(function* () {
           yield* ensureOpen
           yield* takeWriteSlot
-          const { ack, seq } = registerWrite(source.path)
+          const { ack, seq } = register(source.path, { write: true })
           yield* frame(
             encodeClientMessage(new Write({ ch, seq, path: source.path, size: source.size, mode: source.mode, mtime: source.mtime }))
           )
@@ -497,7 +490,7 @@ export const openLink = (
         })
 
       const sendFramed = (file: { readonly path: string; readonly mode: number; readonly mtime: number }, framed: Buffer): Ack => {
-        const { ack, seq } = registerWrite(file.path)
+        const { ack, seq } = register(file.path, { write: true })
         const size = framed.byteLength - CHUNK_HEADER_BYTES
         // Plain JSON of a Write: its Schema encoding is the identity, and this runs once per file.
         put(JSON.stringify({ _tag: "Write", ch, seq, path: file.path, size, mode: file.mode, mtime: file.mtime }))
@@ -526,7 +519,7 @@ export const openLink = (
       const manifest = Effect.gen(function* () {
         yield* ensureOpen
         const entries: Array<ManifestEntry> = []
-        const { ack, seq } = register(".", entries)
+        const { ack, seq } = register(".", { entries })
         yield* frame(encodeClientMessage(new ListManifest({ ch, seq })))
         yield* ack
         return entries
