@@ -196,7 +196,11 @@ export class DaemonClient {
     const stopAfter = options?.stopAfter ?? content.byteLength
     for (let offset = 0; offset < Math.min(content.byteLength, stopAfter); offset += chunkBytes) {
       const payload = content.subarray(offset, Math.min(offset + chunkBytes, content.byteLength, stopAfter))
-      await this.waitForWindow(payload.byteLength, window)
+      // Checked again right before sending: several writers may wait at once, and each must see the
+      // bytes the others sent once they were woken.
+      while (this.sentChunkBytes - this.creditBytes + payload.byteLength > window && this.closeInfo === undefined) {
+        await this.waitForWindow(payload.byteLength, window)
+      }
       if (!this.isOpen) return
       this.sendChunk(seq, payload, options?.ch)
     }
