@@ -2,15 +2,15 @@ import * as NodeContext from "@effect/platform-node/NodeContext"
 import { describe, expect, it } from "@effect/vitest"
 import { Effect, Fiber, Layer, Logger } from "effect"
 import * as fs from "node:fs"
-import * as os from "node:os"
 import * as path from "node:path"
 import type { ResolvedProject } from "../src/schemas/ConfigFile.js"
 import * as Config from "../src/services/Config.js"
 import { describe as table, layer as SupervisorLive, Supervisor } from "../src/services/Supervisor.js"
 import * as Watcher from "../src/services/Watcher.js"
 import { fakeRemote } from "./support/fakeRemote.js"
+import { tempDirs } from "./support/fixtures.js"
 
-const base = () => fs.mkdtempSync(path.join(os.tmpdir(), "sicksync-supervisor-"))
+const base = tempDirs("sicksync-supervisor-")
 
 const writeProject = (root: string, name: string, extra: Record<string, unknown> = {}) => {
   fs.mkdirSync(root, { recursive: true })

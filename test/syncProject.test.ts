@@ -1,7 +1,6 @@
 import { describe, expect, it } from "@effect/vitest"
 import { Deferred, Duration, Effect, Exit, Fiber, Layer, Random, Schedule, Scope, TestClock } from "effect"
 import * as fs from "node:fs"
-import * as os from "node:os"
 import * as path from "node:path"
 import {
   defaultSyncOptions,
@@ -19,7 +18,7 @@ import { type Excludes, fromPatterns, none } from "../src/services/Excludes.js"
 import * as Progress from "../src/services/Progress.js"
 import * as Status from "../src/services/Status.js"
 import { fakeRemote } from "./support/fakeRemote.js"
-import { testDestination, testProject } from "./support/fixtures.js"
+import { tempDirs, testDestination, testProject } from "./support/fixtures.js"
 import { ConnectionLost, RemoteConnection } from "../src/services/RemoteConnection.js"
 
 const fast: SyncOptions = { ...defaultSyncOptions, settle: "5 millis", backoffBase: "5 millis", backoffCap: "20 millis" }
@@ -29,7 +28,7 @@ const dest = testDestination
 const project = (root: string, ...names: Array<string>): ResolvedProject => testProject(root, { destinations: names })
 
 
-const tmpRoot = () => fs.mkdtempSync(path.join(os.tmpdir(), "sicksync-sync-"))
+const tmpRoot = tempDirs("sicksync-sync-")
 
 const eventually = <A>(check: () => A | undefined, what: string) =>
   Effect.gen(function* () {
