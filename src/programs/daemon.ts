@@ -1282,6 +1282,17 @@ const operations = (chan: Channel, ctx: SessionContext, root: string) =>
     flushCredit()
   })
 
+/** A defect is logged and cuts the client off (its other channels with it); an interruption is the daemon stopping. */
+const cutOffOnDefect = (id: string, ws: WebSocket) =>
+  Effect.catchAllCause((cause: Cause.Cause<never>) =>
+    Cause.isInterruptedOnly(cause)
+      ? Effect.void
+      : Effect.zipRight(
+        Effect.logError(`session ${id}: failed: ${Cause.pretty(cause).split("\n")[0]}`),
+        Effect.sync(() => ws.terminate())
+      )
+  )
+
 /** Opens a channel's root and applies its operations until it closes; `Closed` tells the client it is done. */
 const channel = (conn: Connection, chan: Channel, open: Open, ctx: SessionContext) =>
   Effect.gen(function*() {
@@ -1301,14 +1312,7 @@ const channel = (conn: Connection, chan: Channel, open: Open, ctx: SessionContex
     yield* Effect.logInfo(`session ${chan.id}: closed`)
   }).pipe(
     Effect.ensuring(Effect.sync(() => conn.channels.get(chan.ch) === chan && conn.channels.delete(chan.ch))),
-    Effect.catchAllCause((cause) =>
-      Cause.isInterruptedOnly(cause)
-        ? Effect.void
-        : Effect.zipRight(
-          Effect.logError(`session ${chan.id}: failed: ${Cause.pretty(cause).split("\n")[0]}`),
-          Effect.sync(() => conn.ws.terminate())
-        )
-    )
+    cutOffOnDefect(chan.id, conn.ws)
   )
 
 type Routed = Next | { readonly open: Open }
@@ -1426,14 +1430,7 @@ const session = (conn: Connection, ctx: SessionContext) =>
     else yield* Effect.logInfo(`session ${conn.id}: ${how}`)
   }).pipe(
     Effect.scoped,
-    Effect.catchAllCause((cause) =>
-      Cause.isInterruptedOnly(cause)
-        ? Effect.void
-        : Effect.zipRight(
-          Effect.logError(`session ${conn.id}: failed: ${Cause.pretty(cause).split("\n")[0]}`),
-          Effect.sync(() => conn.ws.terminate())
-        )
-    )
+    cutOffOnDefect(conn.id, conn.ws)
   )
 
 /** Completes when no authenticated session has existed for `graceMs` (also right after start). */
