@@ -56,6 +56,36 @@ describe("diff", () => {
     expect(deletedCount(plan, remote)).toBe(3)
     expect(diff(new Map(), remote, excludes, { noDelete: true }).removes).toEqual([])
   })
+
+  it("decides the same whatever order the destination lists its entries in", () => {
+    const local = new Map<string, LocalEntry>([
+      ["src", dir()],
+      ["src/a.ts", file(1, 1)],
+      ["src/gen", file(1, 1)],
+      ["build", file(2, 2)]
+    ])
+    // children before their parents; `build` is a directory there (excluded as one), a file here
+    const remote = [
+      m("src/old/deep/x", file(1, 1)),
+      m("src/a.ts", file(1, 1)),
+      m("build/out.js", file(1, 1)),
+      m("src/old/deep", dir()),
+      m("src/gen/y", file(1, 1)),
+      m("src/old", dir()),
+      m("cache/z", file(1, 1)),
+      m("src/gen", dir()),
+      m("build", dir()),
+      m("cache", dir()),
+      m("src", dir())
+    ]
+    const excludes = fromPatterns(["build/", "cache"])
+    const plan = diff(local, remote, excludes, { noDelete: false })
+    expect(plan.removes).toEqual(["src/old", "src/gen/y"])
+    expect([...plan.upserts].sort()).toEqual(["build", "src/gen"])
+    // src, src/a.ts, src/gen (replaced), src/gen/y, src/old and below
+    expect(plan.remoteEntries).toBe(7)
+    expect(diff(local, [...remote].reverse(), excludes, { noDelete: false })).toEqual(plan)
+  })
 })
 
 describe("scanLocal", () => {

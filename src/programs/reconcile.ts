@@ -6,7 +6,6 @@
 import { Data, Effect } from "effect"
 import * as fsSync from "node:fs"
 import * as fs from "node:fs/promises"
-import * as path from "node:path"
 import type { ResolvedProject } from "../schemas/ConfigFile.js"
 import type { ManifestEntry } from "../schemas/Protocol.js"
 import type { Excludes } from "../services/Excludes.js"
@@ -42,12 +41,14 @@ export const scanLocal = (project: ResolvedProject, excludes: Excludes) =>
       if (!rootStats.isDirectory()) throw new Error("not a directory")
       const out = new Map<string, LocalEntry>()
       // Synchronous calls, a few microseconds each, where async ones cost a thread-pool round trip
-      // per entry (22,000 entries: ≈650 ms async); the event loop gets a turn every SLICE entries.
-      let sinceYield = 0
+      // per entry (22,000 entries: ≈650 ms async). The event loop gets a turn every SLICE_MS: the
+      // connection being set up meanwhile (SSH handshake, daemon lookup) needs one per step.
+      let sliceEnd = performance.now() + SLICE_MS
+      let sinceCheck = 0
       const pending: Array<string> = [""]
       while (pending.length > 0) {
         const dirRel = pending.pop()!
-        const dirAbs = dirRel === "" ? root : path.join(root, dirRel)
+        const dirAbs = dirRel === "" ? root : `${root}/${dirRel}`
         let names: Array<string>
         try {
           names = fsSync.readdirSync(dirAbs)
@@ -59,7 +60,7 @@ export const scanLocal = (project: ResolvedProject, excludes: Excludes) =>
         }
         for (const name of names) {
           const rel = dirRel === "" ? name : `${dirRel}/${name}`
-          const abs = path.join(dirAbs, name)
+          const abs = `${dirAbs}/${name}`
           let st = fsSync.lstatSync(abs, { throwIfNoEntry: false })
           if (st === undefined) continue
           let target: string | undefined
@@ -80,9 +81,12 @@ export const scanLocal = (project: ResolvedProject, excludes: Excludes) =>
             pending.push(rel)
           } else if (st.isFile()) out.set(rel, { type: "file", size: st.size, mtime: st.mtimeMs, mode: st.mode & 0o7777 })
           // sockets, fifos and devices are not mirrored
-          if (++sinceYield >= SLICE) {
-            sinceYield = 0
-            await new Promise((resolve) => setImmediate(resolve))
+          if (++sinceCheck >= 64) {
+            sinceCheck = 0
+            if (performance.now() >= sliceEnd) {
+              await new Promise((resolve) => setImmediate(resolve))
+              sliceEnd = performance.now() + SLICE_MS
+            }
           }
         }
       }
@@ -91,8 +95,8 @@ export const scanLocal = (project: ResolvedProject, excludes: Excludes) =>
     catch: (e) => new ScanError({ root: project.root, message: (e as Error).message })
   })
 
-/** Entries scanned between turns of the event loop (heartbeats, watcher events). */
-const SLICE = 2_000
+/** Longest run of scanning between turns of the event loop (ms). */
+const SLICE_MS = 4
 
 const statOrUndefined = (abs: string) => {
   try {
@@ -159,9 +163,16 @@ export const diff = (
   const removedDirs = new Set<string>()
   const excludedDirs = new Set<string>()
   let remoteEntries = 0
-  // The daemon lists parents before children, so a removed or excluded parent is known first.
-  const sorted = [...remote].sort((a, b) => a.path.split("/").length - b.path.split("/").length)
-  for (const entry of sorted) {
+  // An entry we have as the same type is neither excluded (the scan left it in) nor below an excluded
+  // or removed directory (its parents are ours too): nearly all of them, in a no-change run.
+  const rest: Array<{ readonly entry: ManifestEntry; readonly depth: number }> = []
+  for (const entry of remote) {
+    if (local.get(entry.path)?.type === entry.type) remoteEntries++
+    else rest.push({ entry, depth: depthOf(entry.path) })
+  }
+  // Parents before children, so a removed or excluded parent is known first.
+  rest.sort((a, b) => a.depth - b.depth)
+  for (const { entry } of rest) {
     const parent = entry.path.includes("/") ? entry.path.slice(0, entry.path.lastIndexOf("/")) : ""
     if (parent !== "" && excludedDirs.has(parent)) {
       if (entry.type === "dir") excludedDirs.add(entry.path)
@@ -182,6 +193,12 @@ export const diff = (
   }
 
   return { upserts, removes: options.noDelete ? [] : removes, bytes, remoteEntries }
+}
+
+const depthOf = (p: string) => {
+  let n = 0
+  for (let i = p.indexOf("/"); i >= 0; i = p.indexOf("/", i + 1)) n++
+  return n
 }
 
 export interface SafetyOptions {
