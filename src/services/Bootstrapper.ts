@@ -18,6 +18,7 @@
 import { Context, Data, Deferred, Duration, Effect, Either, ExecutionStrategy, Exit, FiberId, Layer, Option, Schema, Scope } from "effect"
 import { createHash, randomBytes } from "node:crypto"
 import * as fs from "node:fs/promises"
+import * as fsSync from "node:fs"
 import * as os from "node:os"
 import * as path from "node:path"
 import { Duplex } from "node:stream"
@@ -283,8 +284,16 @@ export const make = (options: BootstrapperOptions) =>
 
     // ---- resolving and connecting ----
 
+    // Small local files (ssh config, keys, known_hosts) read synchronously: through the thread pool,
+    // each read waits a turn of an event loop that a running scan shares out in slices.
     const readOptional = (file: string) =>
-      Effect.promise(() => fs.readFile(file).then((b): Buffer | undefined => b, () => undefined))
+      Effect.sync((): Buffer | undefined => {
+        try {
+          return fsSync.readFileSync(file)
+        } catch {
+          return undefined
+        }
+      })
 
     const resolve = (dest: ResolvedDestination) =>
       Effect.gen(function* () {
