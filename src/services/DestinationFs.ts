@@ -232,9 +232,6 @@ const O_TEMP = fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXC
 const DIR_TTL_MS = 1_000
 const MAX_CACHED_DIRS = 50_000
 
-/** Directory entries the manifest walk reads from the kernel at once. */
-const WALK_BATCH = 128
-
 type ParentWalk = (root: string, rel: string, segments: ReadonlyArray<string>, create: boolean) => Promise<string | undefined>
 
 export const make = (options: { readonly home: string }): DestinationFsApi => {
@@ -710,67 +707,55 @@ export const make = (options: { readonly home: string }): DestinationFsApi => {
    */
   const walkManifest = (root: string, pageSize: number) => {
     const pending: Array<string> = [""]
-    let open: { readonly prefix: string; readonly dir: fs.Dir } | undefined
+    // The directory being listed: its names are read at once (an fs.Dir read entry by entry costs
+    // about a third more CPU in all), and handed out across pages.
+    let open: { readonly prefix: string; readonly names: ReadonlyArray<string>; next: number } | undefined
     let cancelled = false
-    const close = () => {
-      const dir = open?.dir
-      open = undefined
-      try {
-        dir?.closeSync()
-      } catch {
-        // closed already
-      }
-    }
     const nextPage = (): ReadonlyArray<ManifestEntry> | undefined => {
       const page: Array<ManifestEntry> = []
-      try {
-        while (page.length < pageSize && !cancelled) {
-          if (open === undefined) {
-            const rel = pending.pop()
-            if (rel === undefined) break
-            try {
-              open = { prefix: rel === "" ? "" : rel + "/", dir: fs.opendirSync(rel === "" ? root : root + "/" + rel, { bufferSize: WALK_BATCH }) }
-            } catch (e) {
-              if (errnoCode(e) === "ENOENT" || errnoCode(e) === "ENOTDIR") continue // vanished meanwhile
-              throw e
-            }
+      while (page.length < pageSize && !cancelled) {
+        if (open === undefined) {
+          const rel = pending.pop()
+          if (rel === undefined) break
+          try {
+            open = { prefix: rel === "" ? "" : rel + "/", names: fs.readdirSync(rel === "" ? root : root + "/" + rel), next: 0 }
+          } catch (e) {
+            if (errnoCode(e) === "ENOENT" || errnoCode(e) === "ENOTDIR") continue // vanished meanwhile
+            throw e
           }
-          const dirent = open.dir.readSync()
-          if (dirent === null) {
-            close()
-            continue
-          }
-          if (isTempName(dirent.name)) continue
-          const entryPath = open.prefix + dirent.name
-          const st = fs.lstatSync(root + "/" + entryPath, { throwIfNoEntry: false })
-          if (st === undefined) continue
-          const mode = st.mode & 0o7777
-          if (st.isDirectory()) {
-            page.push({ path: entryPath, type: "dir", size: 0, mtime: st.mtimeMs, mode })
-            pending.push(entryPath)
-          } else if (st.isFile()) {
-            page.push({ path: entryPath, type: "file", size: st.size, mtime: st.mtimeMs, mode })
-          } else if (st.isSymbolicLink()) {
-            let target: string | undefined
-            try {
-              target = fs.readlinkSync(root + "/" + entryPath)
-            } catch (e) {
-              if (errnoCode(e) !== "ENOENT") throw e
-            }
-            if (target !== undefined) page.push({ path: entryPath, type: "symlink", size: st.size, mtime: st.mtimeMs, mode, target })
-          }
-          // sockets, fifos and devices are not mirrored
         }
-      } catch (e) {
-        close()
-        throw e
+        if (open.next === open.names.length) {
+          open = undefined
+          continue
+        }
+        const name = open.names[open.next++]!
+        if (isTempName(name)) continue
+        const entryPath = open.prefix + name
+        const st = fs.lstatSync(root + "/" + entryPath, { throwIfNoEntry: false })
+        if (st === undefined) continue
+        const mode = st.mode & 0o7777
+        if (st.isDirectory()) {
+          page.push({ path: entryPath, type: "dir", size: 0, mtime: st.mtimeMs, mode })
+          pending.push(entryPath)
+        } else if (st.isFile()) {
+          page.push({ path: entryPath, type: "file", size: st.size, mtime: st.mtimeMs, mode })
+        } else if (st.isSymbolicLink()) {
+          let target: string | undefined
+          try {
+            target = fs.readlinkSync(root + "/" + entryPath)
+          } catch (e) {
+            if (errnoCode(e) !== "ENOENT") throw e
+          }
+          if (target !== undefined) page.push({ path: entryPath, type: "symlink", size: st.size, mtime: st.mtimeMs, mode, target })
+        }
+        // sockets, fifos and devices are not mirrored
       }
       return page.length === 0 ? undefined : page
     }
     const next = () => new Promise<ReadonlyArray<ManifestEntry> | undefined>((resolve) => resolve(nextPage()))
     const cancel = () => {
       cancelled = true
-      close()
+      open = undefined
     }
     return { next, cancel }
   }
