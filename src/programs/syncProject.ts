@@ -520,8 +520,10 @@ export const makeDestinationWorker = (
           Effect.gen(function* () {
             const session = yield* connect
             yield* Effect.log(`connected to ${session.root}`)
-            // Whatever changed while we were away — or before we started — is found by comparing.
-            yield* requestReconcile((yield* Clock.currentTimeMillis) - SCAN_REUSE_MS)
+            // Whatever changed while we were away — or before we started — is found by comparing. A
+            // one-off run has no watcher to catch up with: any scan of its own scanner serves, however slow
+            // the connect was.
+            yield* requestReconcile(mode === "live" ? (yield* Clock.currentTimeMillis) - SCAN_REUSE_MS : 0)
             return yield* Effect.raceFirst(pump(session), Effect.flatMap(session.closed, Effect.fail))
           })
         ).pipe(Effect.either)
