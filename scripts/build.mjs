@@ -3,7 +3,8 @@
 // writes the editor JSON Schemas generated from the config Schemas into schema/.
 import { build } from "esbuild"
 import { execFileSync } from "node:child_process"
-import { mkdirSync } from "node:fs"
+import { createHash } from "node:crypto"
+import { chmodSync, mkdirSync, readFileSync, writeFileSync } from "node:fs"
 import { dirname, join } from "node:path"
 import { fileURLToPath } from "node:url"
 
@@ -31,12 +32,26 @@ const common = {
   keepNames: true
 }
 
-await build({
+// The CLI: a CommonJS bundle, embedded in src/bin/launcher.mjs, which compiles it with V8's code cache.
+const program = await build({
   ...common,
   entryPoints: [join(root, "src/bin/sicksync.ts")],
-  outfile: join(root, "dist/sicksync.mjs"),
-  // the entry's own shebang line is kept by esbuild
+  format: "cjs",
+  write: false,
+  outfile: join(root, "dist/sicksync.cjs"),
+  banner: {},
+  // The launcher passes its own URL in; `require`, `__filename` and `__dirname` come from it too.
+  define: { "import.meta.url": "__sicksyncUrl" }
 })
+const code = program.outputFiles[0].text.replace(/^#!.*\n/, "")
+// Strict, as the ES modules it was bundled from.
+const wrapped = `(function (exports, require, module, __filename, __dirname, __sicksyncUrl) {"use strict";\n${code}\n})`
+const launcher = readFileSync(join(root, "src/bin/launcher.mjs"), "utf8")
+  .replace('"__SICKSYNC_PROGRAM__"', () => JSON.stringify(wrapped))
+  .replace("__SICKSYNC_KEY__", createHash("sha256").update(wrapped).digest("hex").slice(0, 16))
+mkdirSync(join(root, "dist"), { recursive: true })
+writeFileSync(join(root, "dist/sicksync.mjs"), launcher)
+chmodSync(join(root, "dist/sicksync.mjs"), 0o755)
 
 // The library (`import ... from "sicksync"`): its dependencies stay packages of the embedding
 // program, so that it shares one `effect` with them. Types: `npm run build:types`.

@@ -82,6 +82,51 @@ describe("sicksync --version / --help / --completions", () => {
   })
 })
 
+describe("the launcher's code cache", () => {
+  const version = () => (readJson(path.join(ROOT, "package.json")) as { version: string }).version
+  /** `sicksync --version` with its code cache in `cache` (XDG_CACHE_HOME). */
+  const versionWith = (cache: string) => {
+    const env = { ...process.env, HOME: tmp(), XDG_CACHE_HOME: cache }
+    const r = spawnSync(process.execPath, [BIN, "--version"], { env, encoding: "utf8", input: "", timeout: 30_000 })
+    expect({ status: r.status, stdout: r.stdout.trim(), stderr: r.stderr }).toEqual({ status: 0, stdout: version(), stderr: "" })
+  }
+  const cachesIn = (dir: string) => fs.readdirSync(dir).filter((name) => name.endsWith(".v8"))
+  const old = new Date("2000-01-01T00:00:00Z")
+
+  it("is written on the first run, private, and used as it is afterwards; other builds' stale caches go", () => {
+    const cache = tmp()
+    const dir = path.join(cache, "sicksync")
+    fs.mkdirSync(dir)
+    writeFile(path.join(dir, "stale-v8-1-x64.v8"), "")
+    fs.utimesSync(path.join(dir, "stale-v8-1-x64.v8"), old, new Date(Date.now() - 60 * 24 * 3600 * 1000))
+    writeFile(path.join(dir, "recent-v8-1-x64.v8"), "")
+    versionWith(cache)
+    const [mine, ...others] = cachesIn(dir).filter((name) => name !== "recent-v8-1-x64.v8")
+    expect(others).toEqual([])
+    expect(cachesIn(dir)).toContain("recent-v8-1-x64.v8")
+    const file = path.join(dir, mine!)
+    expect(fs.statSync(file).size).toBeGreaterThan(100_000)
+    expect(fs.statSync(file).mode & 0o777).toBe(0o600)
+    // Accepted the next time, so not written again.
+    fs.utimesSync(file, old, old)
+    versionWith(cache)
+    expect(fs.statSync(file).mtimeMs).toBe(old.getTime())
+  })
+
+  it("a corrupt cache is replaced, and a cache that cannot be written is done without", () => {
+    const cache = tmp()
+    versionWith(cache)
+    const dir = path.join(cache, "sicksync")
+    const file = path.join(dir, cachesIn(dir)[0]!)
+    fs.writeFileSync(file, Buffer.alloc(4096, 7))
+    versionWith(cache)
+    expect(fs.statSync(file).size).toBeGreaterThan(100_000)
+    const notADirectory = path.join(tmp(), "file")
+    fs.writeFileSync(notADirectory, "")
+    versionWith(notADirectory)
+  })
+})
+
 describe("editor JSON Schemas", () => {
   it("are shipped, parse as JSON and equal what the Schemas generate now", () => {
     const schemas: ReadonlyArray<readonly [string, Schema.Schema.AnyNoContext]> = [
@@ -108,7 +153,8 @@ describe("sicksync init", () => {
     expectUserError(sicksync(home, dir, "init"), "sicksync init: --host is required (stdin is not a terminal to ask on)")
     expectUserError(sicksync(home, dir, "init", "--host", "box"), "sicksync init: --dest is required (stdin is not a terminal to ask on)")
     expect(fs.readdirSync(dir)).toEqual([])
-    expect(fs.readdirSync(home)).toEqual(["app"])
+    // ~/.cache holds the launcher's compiled code, nothing of the user's
+    expect(fs.readdirSync(home).filter((name) => name !== ".cache")).toEqual(["app"])
   })
 
   it("writes the project file with $schema and registers it", () => {

@@ -1,0 +1,57 @@
+#!/usr/bin/env node
+// sicksync in one file. scripts/build.mjs puts the program (a CommonJS bundle) in PROGRAM as a
+// string and compiles it here with V8's code cache, kept in ~/.cache/sicksync: a start-up then
+// skips parsing and compiling 1.4 MB of JavaScript (measured: `--version` 0.48 → 0.34 s). Node 20
+// has no compile cache for ES modules (module.enableCompileCache came in Node 22).
+import { createRequire } from "node:module"
+import { fileURLToPath } from "node:url"
+
+const PROGRAM = "__SICKSYNC_PROGRAM__"
+const KEY = "__SICKSYNC_KEY__"
+
+const require = createRequire(import.meta.url)
+const fs = require("node:fs")
+const os = require("node:os")
+const path = require("node:path")
+const vm = require("node:vm")
+
+const filename = fileURLToPath(import.meta.url)
+const cacheDir = path.join(process.env.XDG_CACHE_HOME || path.join(os.homedir(), ".cache"), "sicksync")
+// V8 refuses a cache from another V8 or with other flags; the name keeps each Node's apart.
+const cacheFile = path.join(cacheDir, `${KEY}-v8-${process.versions.v8}-${process.arch}.v8`)
+
+const readCache = () => {
+  try {
+    return fs.readFileSync(cacheFile)
+  } catch {
+    return undefined
+  }
+}
+
+/** Written at exit, so that it holds the functions this run compiled; a temp name, then a rename. */
+const writeCache = (script) => {
+  try {
+    fs.mkdirSync(cacheDir, { recursive: true, mode: 0o700 })
+    const temp = `${cacheFile}.${process.pid}.tmp`
+    fs.writeFileSync(temp, script.createCachedData(), { mode: 0o600 })
+    fs.renameSync(temp, cacheFile)
+    // Caches of other builds go once they have not been rewritten for a month.
+    const monthAgo = Date.now() - 30 * 24 * 3600 * 1000
+    for (const name of fs.readdirSync(cacheDir)) {
+      const file = path.join(cacheDir, name)
+      if (file !== cacheFile && name.endsWith(".v8") && fs.statSync(file).mtimeMs < monthAgo) fs.rmSync(file, { force: true })
+    }
+  } catch {
+    // No cache (read-only home, full disk): the next start compiles again, nothing worse.
+  }
+}
+
+const cachedData = readCache()
+const script = new vm.Script(PROGRAM, {
+  filename,
+  cachedData,
+  importModuleDynamically: vm.constants.USE_MAIN_CONTEXT_DEFAULT_LOADER
+})
+if (cachedData === undefined || script.cachedDataRejected) process.once("exit", () => writeCache(script))
+const module = { exports: {} }
+script.runInThisContext()(module.exports, require, module, filename, path.dirname(filename), import.meta.url)
