@@ -60,9 +60,18 @@ const daemonPidOf = (dir) => {
     return undefined
   }
 }
+/** Stops that daemon and waits (up to 5 s) until it has exited: on its way out it writes its code cache. */
 const stopDaemonOf = (dir) => {
+  const pid = daemonPidOf(dir)
+  if (pid === undefined) return
   try {
-    process.kill(daemonPidOf(dir), "SIGTERM")
+    process.kill(pid, "SIGTERM")
+    const deadline = Date.now() + 5000
+    for (;;) {
+      process.kill(pid, 0) // throws once it is gone
+      if (Date.now() > deadline) return
+      Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 20)
+    }
   } catch {}
 }
 const children = []
