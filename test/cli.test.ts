@@ -125,6 +125,15 @@ describe("the launcher's code cache", () => {
     fs.writeFileSync(notADirectory, "")
     versionWith(notADirectory)
   })
+
+  it("is never written relative to the working directory", () => {
+    const cwd = tmp()
+    for (const env of [{ HOME: "", XDG_CACHE_HOME: "" }, { HOME: "", XDG_CACHE_HOME: "relative" }]) {
+      const r = spawnSync(process.execPath, [BIN, "--version"], { cwd, env: { ...process.env, ...env }, encoding: "utf8", input: "", timeout: 30_000 })
+      expect({ status: r.status, stdout: r.stdout.trim(), stderr: r.stderr }).toEqual({ status: 0, stdout: version(), stderr: "" })
+    }
+    expect(fs.readdirSync(cwd)).toEqual([])
+  })
 })
 
 describe("editor JSON Schemas", () => {

@@ -16,13 +16,25 @@ const path = require("node:path")
 const vm = require("node:vm")
 
 const filename = fileURLToPath(import.meta.url)
-const cacheDir = path.join(process.env.XDG_CACHE_HOME || path.join(os.homedir(), ".cache"), "sicksync")
+
+/** `~/.cache/sicksync`, or nothing when there is no home to put it in (never a relative path). */
+const cacheDirectory = () => {
+  try {
+    // A relative XDG_CACHE_HOME is to be ignored (XDG Base Directory spec); so is a home of "".
+    const xdg = process.env.XDG_CACHE_HOME
+    const base = xdg && path.isAbsolute(xdg) ? xdg : path.join(os.homedir(), ".cache")
+    return path.isAbsolute(base) ? path.join(base, "sicksync") : undefined
+  } catch {
+    return undefined
+  }
+}
+const cacheDir = cacheDirectory()
 // V8 refuses a cache from another V8 or with other flags; the name keeps each Node's apart.
-const cacheFile = path.join(cacheDir, `${KEY}-v8-${process.versions.v8}-${process.arch}.v8`)
+const cacheFile = cacheDir && path.join(cacheDir, `${KEY}-v8-${process.versions.v8}-${process.arch}.v8`)
 
 const readCache = () => {
   try {
-    return fs.readFileSync(cacheFile)
+    return cacheFile && fs.readFileSync(cacheFile)
   } catch {
     return undefined
   }
@@ -52,6 +64,6 @@ const script = new vm.Script(PROGRAM, {
   cachedData,
   importModuleDynamically: vm.constants.USE_MAIN_CONTEXT_DEFAULT_LOADER
 })
-if (cachedData === undefined || script.cachedDataRejected) process.once("exit", () => writeCache(script))
+if (cacheFile && (cachedData === undefined || script.cachedDataRejected)) process.once("exit", () => writeCache(script))
 const module = { exports: {} }
 script.runInThisContext()(module.exports, require, module, filename, path.dirname(filename), import.meta.url)
