@@ -130,8 +130,8 @@ interface Pending {
 }
 
 /**
- * A reply awaited by one operation. Made per operation, so it is a closure and not a Deferred
- * (making 22,000 Deferreds cost ~150 ms of a big sync's CPU, each copying Effect's prototype).
+ * A reply awaited by one operation (one waiter at a time). Made per operation, so it is a closure and
+ * not a Deferred (making 22,000 Deferreds cost ~150 ms of a big sync's CPU, each copying Effect's prototype).
  */
 const reply = () => {
   let outcome: Outcome | undefined
@@ -141,16 +141,15 @@ const reply = () => {
     outcome = answer
     resume?.(answer)
   }
-  const wait: Outcome = Effect.suspend(
-    () =>
-      outcome ??
-      Effect.async<void, OperationFailed | ConnectionLost>((r) => {
-        resume = r
-        return Effect.sync(() => {
-          resume = undefined
-        })
-      })
-  )
+  const wait: Outcome = Effect.async<void, OperationFailed | ConnectionLost>((r) => {
+    // Checked here, where the waiter registers: the fiber may yield before this runs, and the reply
+    // may come meanwhile.
+    if (outcome !== undefined) return r(outcome)
+    resume = r
+    return Effect.sync(() => {
+      resume = undefined
+    })
+  })
   return { settle, wait }
 }
 
