@@ -100,7 +100,10 @@ describe("the launcher's code cache", () => {
     writeFile(path.join(dir, "stale-v8-1-x64.v8"), "")
     fs.utimesSync(path.join(dir, "stale-v8-1-x64.v8"), old, new Date(Date.now() - 60 * 24 * 3600 * 1000))
     writeFile(path.join(dir, "recent-v8-1-x64.v8"), "")
+    writeFile(path.join(dir, "cut-short.v8.123.tmp"), "")
+    fs.utimesSync(path.join(dir, "cut-short.v8.123.tmp"), old, new Date(Date.now() - 2 * 3600 * 1000))
     versionWith(cache)
+    expect(fs.existsSync(path.join(dir, "cut-short.v8.123.tmp"))).toBe(false)
     const [mine, ...others] = cachesIn(dir).filter((name) => name !== "recent-v8-1-x64.v8")
     expect(others).toEqual([])
     expect(cachesIn(dir)).toContain("recent-v8-1-x64.v8")
@@ -126,9 +129,10 @@ describe("the launcher's code cache", () => {
     versionWith(notADirectory)
   })
 
-  it("is never written relative to the working directory", () => {
+  it("is never written relative to the working directory, nor into a home that does not exist", () => {
     const cwd = tmp()
-    for (const env of [{ HOME: "", XDG_CACHE_HOME: "" }, { HOME: "", XDG_CACHE_HOME: "relative" }]) {
+    const gone = path.join(cwd, "gone")
+    for (const env of [{ HOME: "", XDG_CACHE_HOME: "" }, { HOME: "", XDG_CACHE_HOME: "relative" }, { HOME: gone, XDG_CACHE_HOME: "" }]) {
       const r = spawnSync(process.execPath, [BIN, "--version"], { cwd, env: { ...process.env, ...env }, encoding: "utf8", input: "", timeout: 30_000 })
       expect({ status: r.status, stdout: r.stdout.trim(), stderr: r.stderr }).toEqual({ status: 0, stdout: version(), stderr: "" })
     }

@@ -43,15 +43,25 @@ const readCache = () => {
 /** Written at exit, so that it holds the functions this run compiled; a temp name, then a rename. */
 const writeCache = (script) => {
   try {
-    fs.mkdirSync(cacheDir, { recursive: true, mode: 0o700 })
+    // One level at a time, never the home itself: a process outliving its home must not bring it back.
+    for (const dir of [path.dirname(cacheDir), cacheDir]) {
+      try {
+        fs.mkdirSync(dir, { mode: 0o700 })
+      } catch (e) {
+        if (e.code !== "EEXIST") throw e
+      }
+    }
     const temp = `${cacheFile}.${process.pid}.tmp`
     fs.writeFileSync(temp, script.createCachedData(), { mode: 0o600 })
     fs.renameSync(temp, cacheFile)
-    // Caches of other builds go once they have not been rewritten for a month.
-    const monthAgo = Date.now() - 30 * 24 * 3600 * 1000
+    // Caches of other builds go once they have not been rewritten for a month (one still in use is
+    // then written again), and temp files of writes cut short after an hour.
+    const now = Date.now()
     for (const name of fs.readdirSync(cacheDir)) {
       const file = path.join(cacheDir, name)
-      if (file !== cacheFile && name.endsWith(".v8") && fs.statSync(file).mtimeMs < monthAgo) fs.rmSync(file, { force: true })
+      const age = now - fs.statSync(file).mtimeMs
+      const stale = name.endsWith(".v8") ? file !== cacheFile && age > 30 * 24 * 3600 * 1000 : name.endsWith(".tmp") && age > 3600 * 1000
+      if (stale) fs.rmSync(file, { force: true })
     }
   } catch {
     // No cache (read-only home, full disk): the next start compiles again, nothing worse.
@@ -59,11 +69,8 @@ const writeCache = (script) => {
 }
 
 const cachedData = readCache()
-const script = new vm.Script(PROGRAM, {
-  filename,
-  cachedData,
-  importModuleDynamically: vm.constants.USE_MAIN_CONTEXT_DEFAULT_LOADER
-})
+// The program has no import() left (everything is bundled); vm.constants is Node 20.12+ (remotes may be older).
+const script = new vm.Script(PROGRAM, { filename, cachedData })
 if (cacheFile && (cachedData === undefined || script.cachedDataRejected)) process.once("exit", () => writeCache(script))
 const module = { exports: {} }
 script.runInThisContext()(module.exports, require, module, filename, path.dirname(filename), import.meta.url)
