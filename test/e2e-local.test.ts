@@ -9,6 +9,7 @@ import * as path from "node:path"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import { ensureBundle, type Running, start } from "./support/cli.js"
 import { snapshot, waitForIdentical } from "./support/tree.js"
+import { stopDaemonOf } from "./support/fixtures.js"
 
 const excluded = (rel: string) => rel === ".git" || rel.startsWith(".git/") || rel === "node_modules" || rel.startsWith("node_modules/") || rel.endsWith(".swp")
 const settle = (a: string, b: string) => waitForIdentical(a, b, { skip: excluded, mtime: true, timeoutMs: 20_000 })
@@ -50,15 +51,7 @@ const setup = async (name: string, config: Record<string, unknown>, destinations
 const teardown = async (s: Setup | undefined) => {
   if (s === undefined) return
   const code = await s.sicksync.stop()
-  const daemon = path.join(s.home, ".sicksync", "daemon.json")
-  if (fs.existsSync(daemon)) {
-    const { pid } = JSON.parse(fs.readFileSync(daemon, "utf8")) as { pid: number }
-    try {
-      process.kill(pid, "SIGTERM")
-    } catch {
-      // already gone
-    }
-  }
+  await stopDaemonOf(s.home)
   return code
 }
 

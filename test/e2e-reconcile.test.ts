@@ -9,6 +9,7 @@ import { afterEach, beforeAll, describe, expect, it } from "vitest"
 import { spawnSync } from "node:child_process"
 import { bundle, ensureBundle, run, type Running, start } from "./support/cli.js"
 import { diffTrees, waitForIdentical } from "./support/tree.js"
+import { stopDaemonOf } from "./support/fixtures.js"
 
 interface World {
   readonly base: string
@@ -46,20 +47,11 @@ const once = (w: World, ...args: Array<string>) => run(["once", ...args], { cwd:
 
 const identical = (w: World, skip?: (rel: string) => boolean) => diffTrees(w.project, w.remote, { mtime: true, ...(skip ? { skip } : {}) })
 
-const stopDaemon = (w: World) => {
-  const state = path.join(w.home, ".sicksync", "daemon.json")
-  if (!fs.existsSync(state)) return
-  try {
-    process.kill((JSON.parse(fs.readFileSync(state, "utf8")) as { pid: number }).pid, "SIGTERM")
-  } catch {
-    // already gone
-  }
-}
 
 beforeAll(() => ensureBundle(), 120_000)
 afterEach(async () => {
   for (const r of running.splice(0)) await r.stop()
-  for (const w of worlds.splice(0)) stopDaemon(w)
+  for (const w of worlds.splice(0)) await stopDaemonOf(w.home)
 })
 
 describe("sicksync once", () => {

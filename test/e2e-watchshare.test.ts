@@ -24,7 +24,7 @@ import * as path from "node:path"
 import { pathToFileURL } from "node:url"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import { ensureBundle, type Running, start, waitUntil } from "./support/cli.js"
-import { tempDirs, writeFile } from "./support/fixtures.js"
+import { stopDaemonOf, tempDirs, writeFile } from "./support/fixtures.js"
 import { waitForIdentical } from "./support/tree.js"
 
 const tempDir = tempDirs("sicksync-watchshare-")
@@ -161,14 +161,7 @@ describe.skipIf(process.platform !== "linux")("one OS watch per source directory
 
   afterAll(async () => {
     await client?.stop("SIGKILL")
-    const state = path.join(home, ".sicksync", "daemon.json")
-    if (fs.existsSync(state)) {
-      try {
-        process.kill((JSON.parse(fs.readFileSync(state, "utf8")) as { pid: number }).pid, "SIGTERM")
-      } catch {
-        // already gone
-      }
-    }
+    await stopDaemonOf(home)
     // SICKSYNC_E2E_LOG=file keeps the measurements for a look afterwards.
     if (process.env.SICKSYNC_E2E_LOG) fs.writeFileSync(process.env.SICKSYNC_E2E_LOG, `${JSON.stringify(measured, null, 2)}\n`)
   }, 30_000)

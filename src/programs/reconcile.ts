@@ -131,6 +131,7 @@ export interface ReconcilePlan {
 const sameFile = (local: LocalEntry, remote: ManifestEntry) =>
   local.size === remote.size && Math.abs(local.mtime - remote.mtime) < 1 && local.mode === remote.mode
 
+/** The plan that brings `remote` to `local`, which must be a `scanLocal` with the same `excludes`. */
 export const diff = (
   local: LocalTree,
   remote: ReadonlyArray<ManifestEntry>,

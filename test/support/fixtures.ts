@@ -12,12 +12,36 @@ import type { ResolvedDestination, ResolvedProject } from "../../src/schemas/Con
 export const tempDirs = (prefix: string): (() => string) => {
   const dirs: Array<string> = []
   afterAll(() => {
-    for (const dir of dirs) fs.rmSync(dir, { recursive: true, force: true })
+    // Retries ride over a process still writing there on its way out (a daemon's code cache).
+    for (const dir of dirs) fs.rmSync(dir, { recursive: true, force: true, maxRetries: 5, retryDelay: 100 })
   })
   return () => {
     const dir = fs.realpathSync(fs.mkdtempSync(path.join(os.tmpdir(), prefix)))
     dirs.push(dir)
     return dir
+  }
+}
+
+/**
+ * Stops the daemon named by `<home>/.sicksync/daemon.json`, if any, and waits (up to 5 s) until it has
+ * exited: on its way out it still writes to `<home>` (its code cache), so its home is not removed before.
+ */
+export const stopDaemonOf = async (home: string): Promise<void> => {
+  let pid: number
+  try {
+    pid = (JSON.parse(fs.readFileSync(path.join(home, ".sicksync", "daemon.json"), "utf8")) as { pid: number }).pid
+    process.kill(pid, "SIGTERM")
+  } catch {
+    return // no daemon, or already gone
+  }
+  const deadline = Date.now() + 5_000
+  while (Date.now() < deadline) {
+    try {
+      process.kill(pid, 0)
+    } catch {
+      return
+    }
+    await new Promise((resolve) => setTimeout(resolve, 20))
   }
 }
 
