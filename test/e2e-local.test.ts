@@ -4,12 +4,13 @@
  * (path, type, size, mode, content hash; file mtimes too).
  */
 import * as fs from "node:fs"
-import * as os from "node:os"
 import * as path from "node:path"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import { ensureBundle, type Running, start } from "./support/cli.js"
 import { snapshot, waitForIdentical } from "./support/tree.js"
-import { stopDaemonOf } from "./support/fixtures.js"
+import { stopDaemonOf, tempDirs } from "./support/fixtures.js"
+
+const tempDir = tempDirs("sicksync-e2e-")
 
 const excluded = (rel: string) => rel === ".git" || rel.startsWith(".git/") || rel === "node_modules" || rel.startsWith("node_modules/") || rel.endsWith(".swp")
 const settle = (a: string, b: string) => waitForIdentical(a, b, { skip: excluded, mtime: true, timeoutMs: 20_000 })
@@ -23,7 +24,7 @@ interface Setup {
 }
 
 const setup = async (name: string, config: Record<string, unknown>, destinations = 1): Promise<Setup> => {
-  const base = fs.mkdtempSync(path.join(os.tmpdir(), `sicksync-e2e-${name}-`))
+  const base = tempDir()
   const home = path.join(base, "home")
   const project = path.join(base, "project")
   fs.mkdirSync(home)

@@ -3,13 +3,14 @@
  * every live run starts with, through the real bundle and a real daemon.
  */
 import * as fs from "node:fs"
-import * as os from "node:os"
 import * as path from "node:path"
 import { afterEach, beforeAll, describe, expect, it } from "vitest"
 import { spawnSync } from "node:child_process"
 import { bundle, ensureBundle, run, type Running, start } from "./support/cli.js"
 import { diffTrees, waitForIdentical } from "./support/tree.js"
-import { stopDaemonOf } from "./support/fixtures.js"
+import { stopDaemonOf, tempDirs } from "./support/fixtures.js"
+
+const tempDir = tempDirs("sicksync-reconcile-")
 
 interface World {
   readonly base: string
@@ -22,7 +23,7 @@ const worlds: Array<World> = []
 const running: Array<Running> = []
 
 const world = (config: Record<string, unknown> = {}): World => {
-  const base = fs.mkdtempSync(path.join(os.tmpdir(), "sicksync-reconcile-"))
+  const base = tempDir()
   const w = { base, home: path.join(base, "home"), project: path.join(base, "project"), remote: path.join(base, "remote") }
   for (const dir of [w.home, w.project, w.remote]) fs.mkdirSync(dir)
   fs.writeFileSync(
