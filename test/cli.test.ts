@@ -27,6 +27,7 @@ const tmp = tempDirs("sicksync-cli-")
 const writeProject = (root: string, value: unknown) => writeFile(path.join(root, PROJECT_FILE), value)
 const readJson = (file: string): unknown => JSON.parse(fs.readFileSync(file, "utf8"))
 const registryOf = (home: string) => path.join(home, PROJECT_FILE)
+const VERSION = (readJson(path.join(ROOT, "package.json")) as { version: string }).version
 
 interface Run {
   readonly status: number | null
@@ -58,9 +59,8 @@ const project = (hostname: string, destinationLocation: string, extra: Record<st
 
 describe("sicksync --version / --help / --completions", () => {
   it("--version prints the package.json version", () => {
-    const version = (readJson(path.join(ROOT, "package.json")) as { version: string }).version
     const r = sicksync(tmp(), os.tmpdir(), "--version")
-    expect(r.stdout.trim()).toBe(version)
+    expect(r.stdout.trim()).toBe(VERSION)
     expect(r.stderr).toBe("")
     expect(r.status).toBe(0)
   })
@@ -83,13 +83,13 @@ describe("sicksync --version / --help / --completions", () => {
 })
 
 describe("the launcher's code cache", () => {
-  const version = () => (readJson(path.join(ROOT, "package.json")) as { version: string }).version
-  /** `sicksync --version` with its code cache in `cache` (XDG_CACHE_HOME). */
-  const versionWith = (cache: string) => {
-    const env = { ...process.env, HOME: tmp(), XDG_CACHE_HOME: cache }
-    const r = spawnSync(process.execPath, [BIN, "--version"], { env, encoding: "utf8", input: "", timeout: 30_000 })
-    expect({ status: r.status, stdout: r.stdout.trim(), stderr: r.stderr }).toEqual({ status: 0, stdout: version(), stderr: "" })
+  /** `sicksync --version` (in `cwd`, with HOME and XDG_CACHE_HOME as given) prints the version and nothing else. */
+  const versionIn = (env: { readonly HOME: string; readonly XDG_CACHE_HOME: string }, cwd = os.tmpdir()) => {
+    const r = spawnSync(process.execPath, [BIN, "--version"], { cwd, env: { ...process.env, ...env }, encoding: "utf8", input: "", timeout: 30_000 })
+    expect({ status: r.status, stdout: r.stdout.trim(), stderr: r.stderr }).toEqual({ status: 0, stdout: VERSION, stderr: "" })
   }
+  /** The same with its code cache in `cache`. */
+  const versionWith = (cache: string) => versionIn({ HOME: tmp(), XDG_CACHE_HOME: cache })
   const cachesIn = (dir: string) => fs.readdirSync(dir).filter((name) => name.endsWith(".v8"))
   const old = new Date("2000-01-01T00:00:00Z")
 
@@ -133,8 +133,7 @@ describe("the launcher's code cache", () => {
     const cwd = tmp()
     const gone = path.join(cwd, "gone")
     for (const env of [{ HOME: "", XDG_CACHE_HOME: "" }, { HOME: "", XDG_CACHE_HOME: "relative" }, { HOME: gone, XDG_CACHE_HOME: "" }]) {
-      const r = spawnSync(process.execPath, [BIN, "--version"], { cwd, env: { ...process.env, ...env }, encoding: "utf8", input: "", timeout: 30_000 })
-      expect({ status: r.status, stdout: r.stdout.trim(), stderr: r.stderr }).toEqual({ status: 0, stdout: version(), stderr: "" })
+      versionIn(env, cwd)
     }
     expect(fs.readdirSync(cwd)).toEqual([])
   })
