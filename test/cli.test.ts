@@ -3,7 +3,7 @@
  * temporary $HOME, temporary project directories as cwd and stdin that is not a terminal.
  */
 import { JSONSchema, type Schema } from "effect"
-import { spawnSync } from "node:child_process"
+import { spawn, spawnSync } from "node:child_process"
 import * as fs from "node:fs"
 import * as os from "node:os"
 import * as path from "node:path"
@@ -115,6 +115,26 @@ describe("the launcher's code cache", () => {
     versionWith(cache)
     expect(fs.statSync(file).mtimeMs).toBe(old.getTime())
   })
+
+  it("is written while the program starts, not when it ends (a long run's exit leaves a poorer cache)", async () => {
+    const cache = tmp()
+    const home = tmp()
+    const daemon = spawn(process.execPath, [BIN, "daemon", "--port", "0", "--grace-ms", "60000"], {
+      env: { ...process.env, HOME: home, XDG_CACHE_HOME: cache },
+      stdio: "ignore"
+    })
+    const exited = new Promise((resolve) => daemon.once("exit", resolve))
+    try {
+      const dir = path.join(cache, "sicksync")
+      const deadline = Date.now() + 20_000
+      while (!(fs.existsSync(dir) && cachesIn(dir).length === 1) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 25))
+      expect(daemon.exitCode).toBe(null)
+      expect(fs.statSync(path.join(dir, cachesIn(dir)[0]!)).size).toBeGreaterThan(100_000)
+    } finally {
+      daemon.kill("SIGKILL")
+      await exited
+    }
+  }, 30_000)
 
   it("a corrupt cache is replaced, and a cache that cannot be written is done without", () => {
     const cache = tmp()

@@ -40,10 +40,10 @@ const readCache = () => {
   }
 }
 
-/** Written at exit, so that it holds the functions this run compiled; a temp name, then a rename. */
+/** A temp name, then a rename: a reader never sees half a cache. */
 const writeCache = (script) => {
   try {
-    // One level at a time, never the home itself: a process outliving its home must not bring it back.
+    // One level at a time, never the home itself: a missing home must not be brought back.
     for (const dir of [path.dirname(cacheDir), cacheDir]) {
       try {
         fs.mkdirSync(dir, { mode: 0o700 })
@@ -71,6 +71,10 @@ const writeCache = (script) => {
 const cachedData = readCache()
 // The program has no import() left (everything is bundled); vm.constants is Node 20.12+ (remotes may be older).
 const script = new vm.Script(PROGRAM, { filename, cachedData })
-if (cacheFile && (cachedData === undefined || script.cachedDataRejected)) process.once("exit", () => writeCache(script))
 const module = { exports: {} }
 script.runInThisContext()(module.exports, require, module, filename, path.dirname(filename), import.meta.url)
+// Written once the top level has run, never at exit: by the end of a long run V8 has dropped the
+// bytecode of start-up code it no longer uses, and a cache without it made every later start
+// slower than no cache at all (measured: `--version` 0.37 → 0.64 s after a cache written at the
+// exit of a 20,000-file sync).
+if (cacheFile && (cachedData === undefined || script.cachedDataRejected)) writeCache(script)
