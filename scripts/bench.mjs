@@ -60,7 +60,7 @@ const daemonPidOf = (dir) => {
     return undefined
   }
 }
-/** Stops that daemon and waits (up to 5 s) until it has exited: on its way out it writes its code cache. */
+/** Stops that daemon and waits (up to 5 s) until it has exited: on its way out it removes its state files. */
 const stopDaemonOf = (dir) => {
   const pid = daemonPidOf(dir)
   if (pid === undefined) return

@@ -7,7 +7,6 @@ import { Cause, Effect, Exit, Fiber, Logger } from "effect"
 import { execFile, spawn } from "node:child_process"
 import * as crypto from "node:crypto"
 import * as fs from "node:fs"
-import * as os from "node:os"
 import * as path from "node:path"
 import { fileURLToPath } from "node:url"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
@@ -40,8 +39,9 @@ import {
 import * as DestinationFs from "../src/services/DestinationFs.js"
 import { VERSION } from "../src/version.js"
 import { DaemonClient, eventually, readDaemonState } from "./support/daemonClient.js"
+import { tempDirs } from "./support/fixtures.js"
 
-const tempDir = (prefix: string) => fs.realpathSync(fs.mkdtempSync(path.join(os.tmpdir(), prefix)))
+const tempDir = tempDirs("sicksync-daemon-")
 
 interface RunningDaemon {
   readonly home: string
@@ -80,7 +80,7 @@ let daemon: RunningDaemon
 let rootCounter = 0
 
 beforeAll(async () => {
-  daemon = await startDaemon({ home: tempDir("sicksync-daemon-home-") })
+  daemon = await startDaemon({ home: tempDir() })
 })
 
 afterAll(async () => {
@@ -255,7 +255,7 @@ describe("state and handshake", () => {
   })
 
   it("closes a connection that sends no Hello within the timeout", async () => {
-    const home = tempDir("sicksync-hello-timeout-")
+    const home = tempDir()
     const d = await startDaemon({ home, helloTimeoutMs: 200 })
     const client = await DaemonClient.connect(d.port)
     expect((await client.closed).code).toBe(1008)
@@ -364,7 +364,7 @@ describe("operations", () => {
 
   it("creates symlinks with the target stored as-is, replacing what is there", async () => {
     const { client, root } = await openSession()
-    const outside = tempDir("sicksync-outside-")
+    const outside = tempDir()
     expect(await client.op(new Symlink({ seq: 1, path: "links/out", target: outside }))).toMatchObject({ _tag: "Ack" })
     expect(fs.readlinkSync(path.join(root, "links/out"))).toBe(outside)
     await client.write(2, "links/file", Buffer.from("x"))
@@ -736,7 +736,7 @@ describe("bad input is contained to its session", () => {
   })
 
   it("a client that ignores pings is terminated", async () => {
-    const home = tempDir("sicksync-heartbeat-")
+    const home = tempDir()
     const d = await startDaemon({ home, heartbeatIntervalMs: 50, heartbeatTimeoutMs: 200 })
     const client = await DaemonClient.connect(d.port, { autoPong: false })
     expect((await client.helloAndOpen({ token: d.token, destinationRoot: "~/x" }))._tag).toBe("Opened")
@@ -749,7 +749,7 @@ describe("confinement", () => {
   it("refuses paths that escape the root, writing nothing outside", async () => {
     const other = await bystander()
     const { client, root } = await openSession()
-    const outside = tempDir("sicksync-outside-")
+    const outside = tempDir()
     // something to overwrite, remove or rename through the escaping link
     fs.mkdirSync(path.join(outside, "sub"))
     fs.writeFileSync(path.join(outside, "x"), "outside")
@@ -817,7 +817,7 @@ describe("confinement", () => {
 
 describe("lifecycle", () => {
   it("exits after the grace once the last client leaves, removing daemon.json and the lock", async () => {
-    const home = tempDir("sicksync-grace-")
+    const home = tempDir()
     const d = await startDaemon({ home, graceMs: 300 })
     const client = await DaemonClient.connect(d.port)
     expect((await client.helloAndOpen({ token: d.token, destinationRoot: "~/x" }))._tag).toBe("Opened")
@@ -830,7 +830,7 @@ describe("lifecycle", () => {
   })
 
   it("exits when no client arrives within the grace after start", async () => {
-    const home = tempDir("sicksync-grace0-")
+    const home = tempDir()
     const d = await startDaemon({ home, graceMs: 200 })
     const exit = await eventually(() => d.fiber.unsafePoll() ?? undefined, 5_000, "daemon exit")
     expect(Exit.isSuccess(exit)).toBe(true)
@@ -838,7 +838,7 @@ describe("lifecycle", () => {
   })
 
   it("a reconnect within the grace keeps it alive", async () => {
-    const home = tempDir("sicksync-reconnect-")
+    const home = tempDir()
     const graceMs = 400
     const d = await startDaemon({ home, graceMs })
     const first = await DaemonClient.connect(d.port)
@@ -867,7 +867,7 @@ describe("lifecycle", () => {
     // the running daemon still owns its files
     expect(readDaemonState(daemon.home)?.pid).toBe(process.pid)
 
-    const home = tempDir("sicksync-stale-")
+    const home = tempDir()
     const dead = await new Promise<number>((resolve) => {
       const child = spawn(process.execPath, ["-e", ""])
       child.on("exit", () => resolve(child.pid!))
@@ -888,7 +888,7 @@ describe("start-daemon", () => {
 
   beforeAll(async () => {
     const { build } = await import("esbuild")
-    const dir = tempDir("sicksync-bundle-")
+    const dir = tempDir()
     const src = path.join(path.dirname(fileURLToPath(import.meta.url)), "..", "src")
     bundle = path.join(dir, "sicksync-daemon-test.mjs")
     await build({
@@ -945,7 +945,7 @@ describe("start-daemon", () => {
   }
 
   it("two concurrent start-daemons end with one daemon; both report it; SIGTERM cleans up", async () => {
-    const home = tempDir("sicksync-start-")
+    const home = tempDir()
     const [a, b] = await Promise.all([run(home, "--port", "0", "--grace-ms", "10000"), run(home, "--port", "0", "--grace-ms", "10000")])
     expect(a.code).toBe(0)
     expect(b.code).toBe(0)
@@ -980,7 +980,7 @@ describe("start-daemon", () => {
   })
 
   it("reports a daemon that cannot start, with the log tail", async () => {
-    const home = tempDir("sicksync-start-fail-")
+    const home = tempDir()
     // daemon.json is a directory: the daemon cannot publish its state and gives up
     fs.mkdirSync(path.join(home, ".sicksync", "daemon.json"), { recursive: true })
     const r = await run(home, "--port", "0")
@@ -993,7 +993,7 @@ describe("start-daemon", () => {
   })
 
   it("the daemon it starts exits after --grace-ms once its last client leaves", async () => {
-    const home = tempDir("sicksync-start-grace-")
+    const home = tempDir()
     const r = await run(home, "--port", "0", "--grace-ms", "300")
     expect(r.code).toBe(0)
     const line = JSON.parse(r.stdout) as { pid: number; started: boolean }

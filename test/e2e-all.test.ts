@@ -136,6 +136,7 @@ describe("sicksync --all: three projects × two hosts in one process", () => {
       }
       await h.stop()
     }
+    if (base !== undefined) fs.rmSync(base, { recursive: true, force: true, maxRetries: 5, retryDelay: 100 })
   }, 60_000)
 
   it("starts every project of the registry, one SSH login, one daemon and one daemon session per host, and syncs edits everywhere", async () => {

@@ -120,6 +120,8 @@ const teardown = async (world: World) => {
     }
     await h.stop()
   }
+  // Only once every daemon is gone: they run in the hosts' homes under it.
+  fs.rmSync(world.base, { recursive: true, force: true, maxRetries: 5, retryDelay: 100 })
 }
 
 beforeAll(() => ensureBundle(), 120_000)

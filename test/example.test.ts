@@ -1,12 +1,13 @@
 /** The README's library example is examples/memory-mirror.ts, verbatim, and it works. */
 import { Effect } from "effect"
 import * as fs from "node:fs"
-import * as os from "node:os"
 import * as path from "node:path"
 import { describe, expect, it } from "vitest"
 import { mirrorIntoMemory } from "../examples/memory-mirror.js"
+import { tempDirs } from "./support/fixtures.js"
 
 const root = path.resolve(import.meta.dirname, "..")
+const tmp = tempDirs("sicksync-example-")
 
 const until = async (check: () => boolean, what: string) => {
   const deadline = Date.now() + 10_000
@@ -23,7 +24,7 @@ describe("the library example", () => {
   })
 
   it("mirrors a project, then its edits, into memory", async () => {
-    const project = fs.mkdtempSync(path.join(os.tmpdir(), "sicksync-example-"))
+    const project = tmp()
     fs.writeFileSync(
       path.join(project, ".sicksync-config.json"),
       JSON.stringify({ destinations: [{ name: "mem", hostname: "nowhere", destinationLocation: "/srv/app" }] })

@@ -1,12 +1,13 @@
 import { Effect } from "effect"
 import * as fs from "node:fs"
-import * as os from "node:os"
 import * as path from "node:path"
 import { describe, expect, it } from "vitest"
 import { deletedCount, diff, type LocalEntry, scanLocal } from "../src/programs/reconcile.js"
-import { testProject } from "./support/fixtures.js"
+import { tempDirs, testProject } from "./support/fixtures.js"
 import type { ManifestEntry } from "../src/schemas/Protocol.js"
 import { fromPatterns, none } from "../src/services/Excludes.js"
+
+const tmp = tempDirs("sicksync-scan-")
 
 const file = (size: number, mtime: number, mode = 0o644): LocalEntry => ({ type: "file", size, mtime, mode })
 const dir = (mode = 0o755): LocalEntry => ({ type: "dir", size: 0, mtime: 0, mode })
@@ -90,7 +91,7 @@ describe("diff", () => {
 
 describe("scanLocal", () => {
   it("prunes excluded directories and keeps links as links unless following", async () => {
-    const root = fs.mkdtempSync(path.join(os.tmpdir(), "sicksync-scan-"))
+    const root = tmp()
     fs.mkdirSync(path.join(root, "node_modules/pkg"), { recursive: true })
     fs.writeFileSync(path.join(root, "node_modules/pkg/index.js"), "x")
     fs.writeFileSync(path.join(root, "a.txt"), "abc")

@@ -1,13 +1,14 @@
 import { describe, expect, it } from "@effect/vitest"
 import { Effect, Exit, Layer, Scope } from "effect"
 import * as fs from "node:fs"
-import * as os from "node:os"
 import * as path from "node:path"
 import { makeDestinationWorker, makeScanner, defaultSyncOptions } from "../src/programs/syncProject.js"
-import { testDestination, testProject } from "./support/fixtures.js"
+import { tempDirs, testDestination, testProject } from "./support/fixtures.js"
 import { none } from "../src/services/Excludes.js"
 import { type DestinationState, render, Status } from "../src/services/Status.js"
 import { fakeRemote } from "./support/fakeRemote.js"
+
+const tmp = tempDirs("sicksync-status-")
 
 describe("Status", () => {
   it("renders one compact line, cut to the terminal's width", () => {
@@ -22,7 +23,7 @@ describe("Status", () => {
 
   it.live("a worker reports connecting, comparing, syncing and in sync, and leaves the line when it ends", () =>
     Effect.gen(function* () {
-      const root = fs.mkdtempSync(path.join(os.tmpdir(), "sicksync-status-"))
+      const root = tmp()
       const project = testProject(root)
       const dest = testDestination("d")
       const seen: Array<string> = []

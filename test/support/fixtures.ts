@@ -12,7 +12,7 @@ import type { ResolvedDestination, ResolvedProject } from "../../src/schemas/Con
 export const tempDirs = (prefix: string): (() => string) => {
   const dirs: Array<string> = []
   afterAll(() => {
-    // Retries ride over a process still writing there on its way out (a daemon's code cache).
+    // Retries ride over a process still changing things there on its way out (a daemon's state files).
     for (const dir of dirs) fs.rmSync(dir, { recursive: true, force: true, maxRetries: 5, retryDelay: 100 })
   })
   return () => {
@@ -24,7 +24,7 @@ export const tempDirs = (prefix: string): (() => string) => {
 
 /**
  * Stops the daemon named by `<home>/.sicksync/daemon.json`, if any, and waits (up to 5 s) until it has
- * exited: on its way out it still writes to `<home>` (its code cache), so its home is not removed before.
+ * exited: on its way out it still removes its state file and lock in `<home>`, so its home is not removed before.
  */
 export const stopDaemonOf = async (home: string): Promise<void> => {
   let pid: number
