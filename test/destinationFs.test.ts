@@ -7,7 +7,7 @@ import { Chunk, Effect, Either, Exit, Scope, Stream } from "effect"
 import * as fs from "node:fs"
 import * as os from "node:os"
 import * as path from "node:path"
-import { isInside, make, normalizeRelPath } from "../src/services/DestinationFs.js"
+import { type DestinationError, isInside, make, normalizeRelPath } from "../src/services/DestinationFs.js"
 
 /** A fresh real-path HOME with a destination root `~/dest` in it, removed afterwards. */
 const setup = Effect.gen(function*() {
@@ -33,6 +33,10 @@ const writeFile = (api: ReturnType<typeof make>, root: string, rel: string, cont
       yield* handle.commit(mode, mtimeMs)
     })
   )
+
+/** `api.writeFileNow` as an effect (its rejections are `DestinationError`s: `failureTag` reads their tag). */
+const writeFileNow = (api: ReturnType<typeof make>, ...args: Parameters<ReturnType<typeof make>["writeFileNow"]>) =>
+  Effect.tryPromise({ try: () => api.writeFileNow(...args), catch: (e) => e as DestinationError })
 
 const failureTag = <A, E extends { readonly _tag: string }>(effect: Effect.Effect<A, E, Scope.Scope>) =>
   Effect.map(Effect.either(Effect.scoped(effect)), (r) => (Either.isLeft(r) ? r.left._tag : "ok"))
@@ -200,7 +204,9 @@ describe("one-go writes, modes and the verified-directory cache", () => {
       const { api, root } = yield* setup
       const mtime = Date.UTC(2019, 4, 5, 6, 7, 8, 901)
       for (const [name, mode] of [["a", 0o644], ["b", 0o777], ["c", 0o600], ["d", 0o4755], ["e", 0o2770], ["f", 0o000]] as const) {
-        yield* api.writeFile(root, `m/${name}`, [Buffer.from("ab"), Buffer.alloc(0), Buffer.from("cd")], mode, mtime)
+        // the promise the daemon uses for small files, and the effect around it
+        const write = name < "d" ? api.writeFile : (...args: Parameters<typeof api.writeFile>) => writeFileNow(api, ...args)
+        yield* write(root, `m/${name}`, [Buffer.from("ab"), Buffer.alloc(0), Buffer.from("cd")], mode, mtime)
         const st = stat(path.join(root, "m", name))
         expect(st.mode & 0o7777, name).toBe(mode)
         expect(Math.abs(st.mtimeMs - mtime), name).toBeLessThan(1)
@@ -260,6 +266,7 @@ describe("one-go writes, modes and the verified-directory cache", () => {
       fs.symlinkSync(outside, path.join(root, "g"))
       for (const p of ["d/x", "e/x", "g/x", "d/new/x"]) {
         expect(yield* failureTag(api.writeFile(root, p, [Buffer.from("pwned")], 0o644, Date.now())), p).toBe("ConfinementError")
+        expect(yield* failureTag(writeFileNow(api, root, p, [Buffer.from("pwned")], 0o644, Date.now())), p).toBe("ConfinementError")
         expect(yield* failureTag(writeFile(api, root, p, "pwned")), p).toBe("ConfinementError")
         expect(yield* failureTag(api.mkdir(root, p, 0o755)), p).toBe("ConfinementError")
       }

@@ -1095,7 +1095,12 @@ const operations = (chan: Channel, ctx: SessionContext, root: string) =>
         } else if (w.received === w.size) {
           // every byte is here already (small files, usually): temp file to rename in one go
           const { bytes, chunks } = takeChunks(w)
-          const done = await work(() => fsCall(fsApi.writeFile(root, w.path, chunks, w.mode, w.mtime))).finally(() => release(bytes))
+          const done = await work(() =>
+            fsApi.writeFileNow(root, w.path, chunks, w.mode, w.mtime).then(
+              () => Either.right(undefined),
+              (error: DestinationError) => Either.left(error)
+            )
+          ).finally(() => release(bytes))
           result = done === STOPPED ? Either.left(aborted) : done
         } else {
           result = await streamWrite(w)
