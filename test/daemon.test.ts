@@ -286,6 +286,17 @@ describe("operations", () => {
     await client.close()
   })
 
+  it("a write the filesystem refuses is answered OpFailed io, naming the path, and the session goes on", async () => {
+    const { client, root } = await openSession()
+    const long = "x".repeat(300) // longer than a name may be
+    const reply = await client.write(1, `d/${long}`, Buffer.from("small"))
+    expectFailed(reply, "io")
+    expect(reply).toMatchObject({ message: expect.stringContaining("ENAMETOOLONG") })
+    expect(await client.write(2, "d/fine.txt", Buffer.from("ok"))).toMatchObject({ _tag: "Ack", seq: 2 })
+    expect(fs.readdirSync(path.join(root, "d"))).toEqual(["fine.txt"])
+    await client.close()
+  })
+
   it("writes an empty file and a binary file with every byte value", async () => {
     const { client, root } = await openSession()
     expect(await client.write(1, "empty", Buffer.alloc(0))).toMatchObject({ _tag: "Ack" })

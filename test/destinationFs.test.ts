@@ -34,9 +34,9 @@ const writeFile = (api: ReturnType<typeof make>, root: string, rel: string, cont
     })
   )
 
-/** `api.writeFileNow` as an effect (its rejections are `DestinationError`s: `failureTag` reads their tag). */
-const writeFileNow = (api: ReturnType<typeof make>, ...args: Parameters<ReturnType<typeof make>["writeFileNow"]>) =>
-  Effect.tryPromise({ try: () => api.writeFileNow(...args), catch: (e) => e as DestinationError })
+/** `api.writeFile` (a promise) as an effect; its rejections are `DestinationError`s, whose tag `failureTag` reads. */
+const writeOnce = (api: ReturnType<typeof make>, ...args: Parameters<ReturnType<typeof make>["writeFile"]>) =>
+  Effect.tryPromise({ try: () => api.writeFile(...args), catch: (e) => e as DestinationError })
 
 const failureTag = <A, E extends { readonly _tag: string }>(effect: Effect.Effect<A, E, Scope.Scope>) =>
   Effect.map(Effect.either(Effect.scoped(effect)), (r) => (Either.isLeft(r) ? r.left._tag : "ok"))
@@ -204,15 +204,23 @@ describe("one-go writes, modes and the verified-directory cache", () => {
       const { api, root } = yield* setup
       const mtime = Date.UTC(2019, 4, 5, 6, 7, 8, 901)
       for (const [name, mode] of [["a", 0o644], ["b", 0o777], ["c", 0o600], ["d", 0o4755], ["e", 0o2770], ["f", 0o000]] as const) {
-        // the promise the daemon uses for small files, and the effect around it
-        const write = name < "d" ? api.writeFile : (...args: Parameters<typeof api.writeFile>) => writeFileNow(api, ...args)
-        yield* write(root, `m/${name}`, [Buffer.from("ab"), Buffer.alloc(0), Buffer.from("cd")], mode, mtime)
+        yield* writeOnce(api, root, `m/${name}`, [Buffer.from("ab"), Buffer.alloc(0), Buffer.from("cd")], mode, mtime)
         const st = stat(path.join(root, "m", name))
         expect(st.mode & 0o7777, name).toBe(mode)
         expect(Math.abs(st.mtimeMs - mtime), name).toBeLessThan(1)
         expect(fs.readFileSync(path.join(root, "m", name), "utf8")).toBe("abcd")
       }
       expect(fs.readdirSync(path.join(root, "m")).sort()).toEqual(["a", "b", "c", "d", "e", "f"])
+    }))
+
+  it.scoped("writeFile rejects with a DestinationIoError when the filesystem refuses, and leaves nothing behind", () =>
+    Effect.gen(function*() {
+      const { api, root } = yield* setup
+      const long = "x".repeat(300) // longer than a name may be (ENAMETOOLONG)
+      const error = yield* Effect.flip(writeOnce(api, root, `m/${long}`, [Buffer.from("ab")], 0o644, Date.now()))
+      expect(error._tag).toBe("DestinationIoError")
+      expect(error.message).toContain("ENAMETOOLONG")
+      expect(fs.readdirSync(path.join(root, "m"))).toEqual([])
     }))
 
   it.scoped("writeFile replaces a directory tree or a symlink at the target, never writing through the link", () =>
@@ -222,8 +230,8 @@ describe("one-go writes, modes and the verified-directory cache", () => {
       fs.writeFileSync(path.join(root, "tree/sub/x"), "x")
       fs.writeFileSync(path.join(outside, "target"), "outside")
       fs.symlinkSync(path.join(outside, "target"), path.join(root, "link"))
-      yield* api.writeFile(root, "tree", [Buffer.from("file")], 0o644, Date.now())
-      yield* api.writeFile(root, "link", [Buffer.from("file")], 0o644, Date.now())
+      yield* writeOnce(api, root, "tree", [Buffer.from("file")], 0o644, Date.now())
+      yield* writeOnce(api, root, "link", [Buffer.from("file")], 0o644, Date.now())
       expect(stat(path.join(root, "tree")).isFile()).toBe(true)
       expect(stat(path.join(root, "link")).isFile()).toBe(true)
       expect(fs.readFileSync(path.join(outside, "target"), "utf8")).toBe("outside")
@@ -253,9 +261,9 @@ describe("one-go writes, modes and the verified-directory cache", () => {
   it.scoped("a verified directory replaced through the API is checked again: no write through the new symlink", () =>
     Effect.gen(function*() {
       const { api, outside, root } = yield* setup
-      yield* api.writeFile(root, "d/f", [Buffer.from("1")], 0o644, Date.now())
-      yield* api.writeFile(root, "e/f", [Buffer.from("1")], 0o644, Date.now())
-      yield* api.writeFile(root, "g/f", [Buffer.from("1")], 0o644, Date.now())
+      yield* writeOnce(api, root, "d/f", [Buffer.from("1")], 0o644, Date.now())
+      yield* writeOnce(api, root, "e/f", [Buffer.from("1")], 0o644, Date.now())
+      yield* writeOnce(api, root, "g/f", [Buffer.from("1")], 0o644, Date.now())
       // d is replaced by a symlink leaving the root, by this API
       yield* api.symlink(root, "d", outside)
       // e is removed by this API, then a symlink is put there by someone else
@@ -265,8 +273,7 @@ describe("one-go writes, modes and the verified-directory cache", () => {
       yield* api.rename(root, "g", "g2")
       fs.symlinkSync(outside, path.join(root, "g"))
       for (const p of ["d/x", "e/x", "g/x", "d/new/x"]) {
-        expect(yield* failureTag(api.writeFile(root, p, [Buffer.from("pwned")], 0o644, Date.now())), p).toBe("ConfinementError")
-        expect(yield* failureTag(writeFileNow(api, root, p, [Buffer.from("pwned")], 0o644, Date.now())), p).toBe("ConfinementError")
+        expect(yield* failureTag(writeOnce(api, root, p, [Buffer.from("pwned")], 0o644, Date.now())), p).toBe("ConfinementError")
         expect(yield* failureTag(writeFile(api, root, p, "pwned")), p).toBe("ConfinementError")
         expect(yield* failureTag(api.mkdir(root, p, 0o755)), p).toBe("ConfinementError")
       }
@@ -277,11 +284,11 @@ describe("one-go writes, modes and the verified-directory cache", () => {
   it.live("a verified directory swapped for a symlink by another process is checked again after a second", () =>
     Effect.scoped(Effect.gen(function*() {
       const { api, outside, root } = yield* setup
-      yield* api.writeFile(root, "x/f", [Buffer.from("1")], 0o644, Date.now())
+      yield* writeOnce(api, root, "x/f", [Buffer.from("1")], 0o644, Date.now())
       fs.rmSync(path.join(root, "x"), { recursive: true })
       fs.symlinkSync(outside, path.join(root, "x"))
       yield* Effect.sleep("1100 millis")
-      expect(yield* failureTag(api.writeFile(root, "x/g", [Buffer.from("pwned")], 0o644, Date.now()))).toBe("ConfinementError")
+      expect(yield* failureTag(writeOnce(api, root, "x/g", [Buffer.from("pwned")], 0o644, Date.now()))).toBe("ConfinementError")
       expect(fs.readdirSync(outside)).toEqual([])
     })))
 })

@@ -805,7 +805,7 @@ const STOPPED = Symbol("stopped")
  * Frames stop being read once `MAX_PENDING` operations are unfinished, for as long as some of them can
  * progress without more frames; a write waiting for its chunks never holds up the frames it waits for.
  *
- * The operations themselves are plain promise chains, one `DestinationFs` effect per filesystem step:
+ * The operations themselves are plain promise chains, one `DestinationFs` call per filesystem step:
  * with a fiber, an Effect semaphore and scopes per operation, the daemon spent ~200 µs of CPU per small
  * file on them alone (measured), more than the filesystem work. They are owned by this session's scope
  * all the same: its finalizer stops them (no new filesystem step starts, writes not committed remove
@@ -1096,7 +1096,7 @@ const operations = (chan: Channel, ctx: SessionContext, root: string) =>
           // every byte is here already (small files, usually): temp file to rename in one go
           const { bytes, chunks } = takeChunks(w)
           const done = await work(() =>
-            fsApi.writeFileNow(root, w.path, chunks, w.mode, w.mtime).then(
+            fsApi.writeFile(root, w.path, chunks, w.mode, w.mtime).then(
               () => Either.right(undefined),
               (error: DestinationError) => Either.left(error)
             )

@@ -128,20 +128,11 @@ export interface DestinationFsApi {
   readonly openWrite: (root: string, rel: string, mode?: number) => Effect.Effect<WriteHandle, DestinationError, Scope.Scope>
   /**
    * A whole write whose bytes are all at hand, in one go: temp file (O_EXCL, in the target's directory),
-   * bytes, mode, mtime, close, rename. Nothing is left behind on failure (or interruption).
+   * bytes, mode, mtime, close, rename. Nothing is left behind on failure. A promise, rejected with a
+   * `DestinationError` only, not an effect: it is the daemon's path for each small file of a big sync,
+   * where running a fiber per file cost the daemon a tenth of its CPU (measured).
    */
   readonly writeFile: (
-    root: string,
-    rel: string,
-    chunks: ReadonlyArray<Uint8Array>,
-    mode: number,
-    mtimeMs: number
-  ) => Effect.Effect<void, DestinationError>
-  /**
-   * The same as a promise, rejected with a `DestinationError` only: the daemon's path for each small
-   * file of a big sync, where running a fiber per file cost it a tenth of its CPU (measured).
-   */
-  readonly writeFileNow: (
     root: string,
     rel: string,
     chunks: ReadonlyArray<Uint8Array>,
@@ -539,49 +530,45 @@ export const make = (options: { readonly home: string }): DestinationFsApi => {
     }
   }
 
-  // Not an `Effect.fn`: it runs once per file of a big sync, and a span plus a captured stack trace per
-  // call is a measurable share of that. Errors name the operation and path all the same. The file
-  // descriptor never leaves this one promise chain, which closes it (and removes the temp file unless it
-  // was renamed) on every path; an effect built on a promise runs it to the end, so no scope is needed.
-  // The temp file is created with the final permission bits (partial content is no more readable than
-  // the finished file will be), which spares the fchmod unless the umask or special bits require it.
+  // The file descriptor never leaves this one promise chain, which closes it (and removes the temp file
+  // unless it was renamed) on every path. The temp file is created with the final permission bits
+  // (partial content is no more readable than the finished file will be), which spares the fchmod
+  // unless the umask or special bits require it.
   const writeFile: DestinationFsApi["writeFile"] = (root, rel, chunks, mode, mtimeMs) =>
-    run("write", rel, () => writeWhole(root, rel, chunks, mode, mtimeMs))
-  const writeFileNow: DestinationFsApi["writeFileNow"] = (root, rel, chunks, mode, mtimeMs) =>
     writeWhole(root, rel, chunks, mode, mtimeMs).catch((cause) => Promise.reject(asDestinationError("write", rel)(cause)))
   const writeWhole = async (root: string, rel: string, chunks: ReadonlyArray<Uint8Array>, mode: number, mtimeMs: number) => {
-      const { target, tempPath } = await writePaths(root, rel)
-      const createdWith = mode & 0o777
-      if (chunks.reduce((n, c) => n + c.byteLength, 0) <= SYNC_WRITE_BYTES) {
-        writeSmallSync(root, tempPath, chunks, createdWith, mode, mtimeMs)
-        // A new name is linked at once; replacing a file is an asynchronous rename, as renaming over
-        // a file makes ext4 start writing the new data out (auto_da_alloc), which must not hold up the
-        // event loop. link(2) fails on anything already there, and where links are not supported.
-        try {
-          fs.linkSync(tempPath, target)
-          fs.unlinkSync(tempPath)
-          return
-        } catch {
-          // replaced below
-        }
-        return await replaceWith(tempPath, target).catch(async (e) => {
-          await unlinkP(tempPath).catch(noop)
-          throw e
-        })
-      }
-      const fd = await step("open", tempPath, openFd(tempPath, O_TEMP, createdWith))
-      let open = true
+    const { target, tempPath } = await writePaths(root, rel)
+    const createdWith = mode & 0o777
+    if (chunks.reduce((n, c) => n + c.byteLength, 0) <= SYNC_WRITE_BYTES) {
+      writeSmallSync(root, tempPath, chunks, createdWith, mode, mtimeMs)
+      // A new name is linked at once; replacing a file is an asynchronous rename, as renaming over
+      // a file makes ext4 start writing the new data out (auto_da_alloc), which must not hold up the
+      // event loop. link(2) fails on anything already there, and where links are not supported.
       try {
-        await step("write", tempPath, writeAll(fd, chunks))
-        await finishTemp(root, fd, tempPath, createdWith, mode, mtimeMs)
-        open = false
-        await step("close", tempPath, closeFd(fd))
-        await replaceWith(tempPath, target)
-      } catch (e) {
-        if (open) await closeFd(fd).catch(noop)
+        fs.linkSync(tempPath, target)
+        fs.unlinkSync(tempPath)
+        return
+      } catch {
+        // replaced below
+      }
+      return await replaceWith(tempPath, target).catch(async (e) => {
         await unlinkP(tempPath).catch(noop)
         throw e
-      }
+      })
+    }
+    const fd = await step("open", tempPath, openFd(tempPath, O_TEMP, createdWith))
+    let open = true
+    try {
+      await step("write", tempPath, writeAll(fd, chunks))
+      await finishTemp(root, fd, tempPath, createdWith, mode, mtimeMs)
+      open = false
+      await step("close", tempPath, closeFd(fd))
+      await replaceWith(tempPath, target)
+    } catch (e) {
+      if (open) await closeFd(fd).catch(noop)
+      await unlinkP(tempPath).catch(noop)
+      throw e
+    }
   }
 
   const openWrite = (root: string, rel: string, mode?: number) =>
@@ -792,7 +779,6 @@ export const make = (options: { readonly home: string }): DestinationFsApi => {
     confine,
     openWrite,
     writeFile,
-    writeFileNow,
     mkdir,
     remove,
     rename,
