@@ -120,13 +120,13 @@ const teardown = async (world: World) => {
     }
     await h.stop()
   }
-  // Only once every daemon is gone: they run in the hosts' homes under it.
-  fs.rmSync(world.base, { recursive: true, force: true, maxRetries: 5, retryDelay: 100 })
 }
 
 beforeAll(() => ensureBundle(), 120_000)
 afterAll(async () => {
   for (const w of worlds) await teardown(w)
+  // Only once every world is down: their daemons ran in the hosts' homes there.
+  for (const w of worlds) fs.rmSync(w.base, { recursive: true, force: true, maxRetries: 5, retryDelay: 100 })
 }, 60_000)
 
 // ---- scenarios ----------------------------------------------------------------------------------
