@@ -552,7 +552,7 @@ const assertSameTree = (who, source, copy) => {
  * everything else at the end. Deleting it here would slow down the next run's file creation for both
  * tools: ext4 without a journal (as here) does not reuse an inode for 60 s after its deletion (Linux
  * 5.7 and later; 360 s while its inode table block is not yet written back, hence the `sync` first),
- * and skipping tens of thousands of them cost each new file ~280 µs instead of ~50 µs (measured),
+ * and skipping tens of thousands of them cost each new file ~280 µs instead of 35–125 µs (measured),
  * which pulled the (a) figures of runs 2 and 3 towards each other.
  */
 const INODE_REUSE_MS = 61_000
