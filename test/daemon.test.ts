@@ -292,6 +292,7 @@ describe("operations", () => {
     const reply = await client.write(1, `d/${long}`, Buffer.from("small"))
     expectFailed(reply, "io")
     expect(reply).toMatchObject({ message: expect.stringContaining("ENAMETOOLONG") })
+    expect(reply).toMatchObject({ message: expect.stringContaining(`d/${long}`) })
     expect(await client.write(2, "d/fine.txt", Buffer.from("ok"))).toMatchObject({ _tag: "Ack", seq: 2 })
     expect(fs.readdirSync(path.join(root, "d"))).toEqual(["fine.txt"])
     await client.close()
