@@ -28,13 +28,15 @@ import {
   decodeClientMessage,
   encodeDaemonMessage,
   Manifest,
+  MAX_BATCH_FILES,
   MAX_FRAME_BYTES,
   Mkdir,
   PROTOCOL_VERSION,
   Remove,
   Rename,
   Symlink,
-  Write
+  Write,
+  WriteBatch
 } from "../src/schemas/Protocol.js"
 import * as DestinationFs from "../src/services/DestinationFs.js"
 import { VERSION } from "../src/version.js"
@@ -622,6 +624,7 @@ describe("pipelined operations, applied concurrently", () => {
 
   it("fast encodings are byte for byte the schema's; the fast Write decoding agrees with the schema", () => {
     expect(encodeAck(2, 7)).toBe(encodeDaemonMessage(new Ack({ ch: 2, seq: 7 })))
+    expect(encodeAck(2, 7, 30)).toBe(encodeDaemonMessage(new Ack({ ch: 2, seq: 7, count: 30 })))
     expect(encodeCredit(0, 123456)).toBe(encodeDaemonMessage(new Credit({ ch: 0, bytes: 123456 })))
     const entries = [
       { path: "a", type: "dir" as const, size: 0, mtime: 1700000000123.456, mode: 0o755 },
@@ -632,7 +635,7 @@ describe("pipelined operations, applied concurrently", () => {
       expect(encodeManifestPage(1, 3, entries, done)).toBe(encodeDaemonMessage(new Manifest({ ch: 1, seq: 3, entries, done })))
     }
     const write = { _tag: "Write", seq: 1, path: "p", size: 2, mode: 0o644, mtime: 1.5 }
-    const inputs = [
+    const inputs: Array<unknown> = [
       write,
       { ...write, extra: true },
       { ...write, seq: 0xffffffff },
@@ -651,6 +654,23 @@ describe("pipelined operations, applied concurrently", () => {
       { ...write, ch: "1" },
       new Mkdir({ seq: 2, path: "d", mode: 0o755 })
     ]
+    const file = { path: "f", size: 3, mode: 0o600, mtime: 2.5 }
+    const batch = { _tag: "WriteBatch", ch: 1, seq: 9, files: [file, { ...file, path: "g" }] }
+    inputs.push(
+      batch,
+      { ...batch, ch: undefined },
+      { ...batch, seq: -2 },
+      { ...batch, files: [] },
+      { ...batch, files: Array.from({ length: MAX_BATCH_FILES }, (_, i) => ({ ...file, path: `f${i}` })) },
+      { ...batch, files: Array.from({ length: MAX_BATCH_FILES + 1 }, (_, i) => ({ ...file, path: `f${i}` })) },
+      { ...batch, files: "f" },
+      { ...batch, files: [file, null] },
+      { ...batch, files: [{ ...file, extra: 1 }] },
+      { ...batch, files: [{ ...file, size: -3 }] },
+      { ...batch, files: [{ ...file, mode: 0o7777 + 1 }] },
+      { ...batch, files: [{ ...file, mtime: null }] },
+      { ...batch, files: [{ ...file, path: 1 }] }
+    )
     for (const input of inputs) {
       const text = JSON.stringify(input)
       const fast = decodeClientMessageFast(text)
@@ -659,6 +679,140 @@ describe("pipelined operations, applied concurrently", () => {
       if (fast._tag === "Right" && schema._tag === "Right") expect({ ...fast.right }, text).toEqual({ ...schema.right })
     }
     expect(decodeClientMessageFast("{not json")._tag).toBe("Left")
+  })
+})
+
+describe("batched writes", () => {
+  const tempsUnder = (dir: string): Array<string> =>
+    (fs.readdirSync(dir, { recursive: true }) as Array<string>).filter((n) => path.basename(n).includes(".sicksync-"))
+
+  it("writes every file of a WriteBatch with its mode and mtime, answered by one Ack for all", async () => {
+    const { client, root } = await openSession()
+    const mtime = Date.UTC(2021, 5, 6, 7, 8, 9, 123)
+    const files = [
+      { path: "a.txt", content: Buffer.from("first") },
+      { path: "deep/er/b.sh", content: Buffer.from("#!/bin/sh\n"), mode: 0o755, mtime },
+      { path: "empty", content: Buffer.alloc(0) },
+      { path: "deep/c.bin", content: crypto.randomBytes(70_000) }
+    ]
+    client.writeBatch(10, files, { chunkBytes: 30_000 }) // bytes split across frames anywhere
+    expect(await client.reply(10)).toMatchObject({ _tag: "Ack", seq: 10, count: 4 })
+    for (const f of files) expect(fs.readFileSync(path.join(root, f.path))).toEqual(f.content)
+    const st = fs.statSync(path.join(root, "deep/er/b.sh"))
+    expect(st.mode & 0o7777).toBe(0o755)
+    expect(Math.abs(st.mtimeMs - mtime)).toBeLessThan(1)
+    expect(tempsUnder(root)).toEqual([])
+    await eventually(() => client.creditBytes === client.sentChunkBytes, 5_000, "every byte credited")
+    // nothing else answered it
+    expect(client.received.filter((m) => (m._tag === "Ack" || m._tag === "OpFailed") && m.seq >= 10 && m.seq < 14)).toHaveLength(1)
+    await client.close()
+  })
+
+  it("a file of a batch that cannot be written fails alone, named by its own seq; the others are written", async () => {
+    const { client, root } = await openSession()
+    const long = "x".repeat(300)
+    client.writeBatch(20, [
+      { path: "ok/1", content: Buffer.from("one") },
+      { path: `ok/${long}`, content: Buffer.from("too long a name") },
+      { path: "../escape", content: Buffer.from("outside") },
+      { path: "ok/2", content: Buffer.from("two") }
+    ])
+    const replies = await client.replies([20, 21, 22, 23])
+    expect(replies.map((r) => [r.seq, r._tag, r._tag === "OpFailed" ? r.code : ""])).toEqual([
+      [20, "Ack", ""],
+      [21, "OpFailed", "io"],
+      [22, "OpFailed", "confinement"],
+      [23, "Ack", ""]
+    ])
+    expect(replies[1]).toMatchObject({ message: expect.stringContaining(`ok/${long}`) })
+    expect(replies.every((r) => r._tag !== "Ack" || r.count === undefined)).toBe(true)
+    expect(fs.readdirSync(path.join(root, "ok")).sort()).toEqual(["1", "2"])
+    expect(fs.existsSync(path.join(daemon.home, "escape"))).toBe(false)
+    expect(tempsUnder(root)).toEqual([])
+    await client.close()
+  })
+
+  it("a batch naming one file twice, or in two cases, writes them in order: the later one wins", async () => {
+    const { client, root } = await openSession()
+    // the older one large enough to be written in several steps, the newer one small enough for one:
+    // written side by side, the older would land last
+    const older = Buffer.alloc(512 * 1024, "o")
+    client.writeBatch(30, [
+      { path: "same.txt", content: older },
+      { path: "Case.txt", content: Buffer.from("upper") },
+      { path: "same.txt", content: Buffer.from("newer") },
+      { path: "case.txt", content: Buffer.from("lower") }
+    ])
+    expect(await client.reply(30)).toMatchObject({ _tag: "Ack", count: 4 })
+    expect(fs.readFileSync(path.join(root, "same.txt"), "utf8")).toBe("newer")
+    // this filesystem tells the two cases apart: both are there
+    expect(fs.readFileSync(path.join(root, "Case.txt"), "utf8")).toBe("upper")
+    expect(fs.readFileSync(path.join(root, "case.txt"), "utf8")).toBe("lower")
+    await client.close()
+  })
+
+  it("keeps its place among the operations: after the Mkdir before it, before the Remove after it", async () => {
+    const { client, root } = await openSession()
+    client.send(new Mkdir({ seq: 1, path: "made", mode: 0o750 }))
+    client.writeBatch(2, [
+      { path: "made/a", content: Buffer.from("a") },
+      { path: "kept/b", content: Buffer.from("b") }
+    ])
+    client.send(new Remove({ seq: 4, path: "made" }))
+    client.send(new Mkdir({ seq: 5, path: "made/again", mode: 0o755 }))
+    client.writeBatch(6, [{ path: "made/again/c", content: Buffer.from("c") }])
+    const replies = await client.replies([1, 2, 4, 5, 6])
+    expect(replies.map((r) => r._tag)).toEqual(["Ack", "Ack", "Ack", "Ack", "Ack"])
+    expect(fs.readdirSync(path.join(root, "made"))).toEqual(["again"])
+    expect(fs.readFileSync(path.join(root, "made/again/c"), "utf8")).toBe("c")
+    expect(fs.readFileSync(path.join(root, "kept/b"), "utf8")).toBe("b")
+    await client.close()
+  })
+
+  it("a malformed batch is refused as a whole, with a count of its files; its bytes are dropped; the session goes on", async () => {
+    const other = await bystander()
+    const { client, root } = await openSession()
+    // more bytes than one frame carries: refused before any byte is read
+    client.send(new WriteBatch({ seq: 40, files: [
+      { path: "big1", size: CHUNK_BYTES, mode: 0o644, mtime: 1 },
+      { path: "big2", size: 1, mode: 0o644, mtime: 1 }
+    ] }))
+    client.sendChunk(40, Buffer.alloc(1000))
+    expect(await client.reply(40)).toMatchObject({ _tag: "OpFailed", seq: 40, count: 2, code: "protocol" })
+    // more chunk bytes than its files add up to
+    client.send(new WriteBatch({ seq: 50, files: [
+      { path: "x1", size: 2, mode: 0o644, mtime: 1 },
+      { path: "x2", size: 2, mode: 0o644, mtime: 1 }
+    ] }))
+    client.sendChunk(50, Buffer.from("12345"))
+    expect(await client.reply(50)).toMatchObject({ _tag: "OpFailed", seq: 50, count: 2, code: "protocol" })
+    // not a batch the schema accepts: refused, for as many files as it lists
+    client.sendRaw(JSON.stringify({ _tag: "WriteBatch", seq: 60, files: [{ path: "y" }, { path: "z" }] }))
+    expect(await client.reply(60)).toMatchObject({ _tag: "OpFailed", seq: 60, count: 2, code: "protocol" })
+    client.sendRaw(JSON.stringify({ _tag: "WriteBatch", seq: 70, files: [] }))
+    expect(await client.reply(70)).toMatchObject({ _tag: "OpFailed", seq: 70, code: "protocol" })
+    expect(fs.readdirSync(root)).toEqual([])
+    client.writeBatch(80, [{ path: "fine", content: Buffer.from("fine") }])
+    expect(await client.reply(80)).toMatchObject({ _tag: "Ack", seq: 80, count: 1 })
+    await eventually(() => client.creditBytes === client.sentChunkBytes, 5_000, "every byte credited, dropped ones too")
+    expect(client.isOpen).toBe(true)
+    await other.check()
+    await other.client.close()
+    await client.close()
+  })
+
+  it("a batch whose bytes never come writes nothing when the session ends", async () => {
+    const { client, root } = await openSession()
+    client.send(new WriteBatch({ seq: 1, files: [
+      { path: "never/1", size: 10, mode: 0o644, mtime: 1 },
+      { path: "never/2", size: 10, mode: 0o644, mtime: 1 }
+    ] }))
+    client.sendChunk(1, Buffer.alloc(15, 7)) // one file and a half
+    await new Promise((r) => setTimeout(r, 100))
+    await client.terminate()
+    await new Promise((r) => setTimeout(r, 200))
+    expect(fs.existsSync(path.join(root, "never")) ? tempsUnder(path.join(root, "never")) : []).toEqual([])
+    expect(fs.existsSync(path.join(root, "never/1"))).toBe(false)
   })
 })
 

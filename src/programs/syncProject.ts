@@ -11,7 +11,7 @@ import * as fs from "node:fs/promises"
 import * as path from "node:path"
 import type { ResolvedDestination, ResolvedProject } from "../schemas/ConfigFile.js"
 import type { Change, ChangeKind } from "../schemas/FileEvent.js"
-import { CHUNK_BYTES, CHUNK_HEADER_BYTES } from "../schemas/Protocol.js"
+import { CHUNK_BYTES } from "../schemas/Protocol.js"
 import type { ConnectError } from "../services/DaemonLocator.js"
 import { type Excludes, makeExcludes } from "../services/Excludes.js"
 import {
@@ -79,34 +79,39 @@ const SMALL_FILE_BYTES = 256 * 1024
 /** A file's bytes as they are now; a size or mtime change during the read means "read it again later". */
 export const fileSource = (abs: string, rel: string, stats: import("node:fs").Stats): FileSource => {
   const changed = (s: import("node:fs").Stats) => s.size !== stats.size || s.mtimeMs !== stats.mtimeMs
-  const unreadable = (e: unknown) =>
-    (e as NodeJS.ErrnoException).code === "ENOENT"
+  const unreadable = (e: unknown) => {
+    const code = (e as NodeJS.ErrnoException).code
+    return code === "ENOENT" || code === "ENOTDIR"
       ? new SourceChanged({ path: rel })
       : new SourceUnreadable({ path: rel, message: (e as Error).message })
+  }
 
-  /**
-   * The whole file after `headroom` free bytes, or `undefined` if it changed since `stats`; throws if
-   * it cannot be read.
-   */
-  const readSmallNow = (headroom: number): Buffer | undefined => {
-    const fd = fsSync.openSync(abs, "r")
+  /** The whole file into `target` at `offset`, where `size + 1` bytes are free. */
+  const readInto = (target: Buffer, offset: number): number | SourceChanged | SourceUnreadable => {
+    let fd: number
+    try {
+      fd = fsSync.openSync(abs, "r")
+    } catch (e) {
+      return unreadable(e)
+    }
     try {
       // One byte more than expected: a file that grew since the stat is noticed here.
-      const buffer = Buffer.allocUnsafe(headroom + stats.size + 1)
-      const bytesRead = fsSync.readSync(fd, buffer, headroom, stats.size + 1, 0)
-      if (bytesRead !== stats.size || changed(fsSync.fstatSync(fd))) return undefined
-      return buffer.subarray(0, headroom + bytesRead)
+      const bytesRead = fsSync.readSync(fd, target, offset, stats.size + 1, 0)
+      return bytesRead !== stats.size || changed(fsSync.fstatSync(fd)) ? new SourceChanged({ path: rel }) : bytesRead
+    } catch (e) {
+      return unreadable(e)
     } finally {
       fsSync.closeSync(fd)
     }
   }
 
   const readSmall: FileSource["read"] = (emit) =>
-    Effect.flatMap(
-      Effect.try({ try: () => readSmallNow(0), catch: unreadable }),
-      (bytes): Effect.Effect<void, ConnectionLost | SourceChanged> =>
-        bytes === undefined ? Effect.fail(new SourceChanged({ path: rel })) : bytes.byteLength > 0 ? emit(bytes) : Effect.void
-    )
+    Effect.suspend((): Effect.Effect<void, ConnectionLost | SourceChanged | SourceUnreadable> => {
+      const buffer = Buffer.allocUnsafe(stats.size + 1)
+      const read = readInto(buffer, 0)
+      if (typeof read !== "number") return Effect.fail(read)
+      return read > 0 ? emit(buffer.subarray(0, read)) : Effect.void
+    })
 
   const readLarge: FileSource["read"] = (emit) =>
     Effect.acquireUseRelease(
@@ -135,7 +140,7 @@ export const fileSource = (abs: string, rel: string, stats: import("node:fs").St
     mode: stats.mode & 0o7777,
     mtime: stats.mtimeMs,
     read: stats.size <= SMALL_FILE_BYTES ? readSmall : readLarge,
-    ...(stats.size <= SMALL_FILE_BYTES ? { readFramed: () => readSmallNow(CHUNK_HEADER_BYTES) } : {})
+    ...(stats.size <= SMALL_FILE_BYTES ? { readInto } : {})
   }
 }
 
@@ -336,23 +341,9 @@ export const makeDestinationWorker = (
         reconciling = { startedAt, files: plan.upserts.length, bytes: plan.bytes, removes: plan.removes.length, bar }
       })
 
-    /** A small file goes out from memory in one cheap step; anything else is streamed. */
-    const writeFile = (session: Session, source: FileSource) => {
-      if (source.readFramed === undefined || session.writeFramed === undefined) return session.write(source)
-      const writeFramed = session.writeFramed
-      return Effect.suspend((): Effect.Effect<Ack, ConnectionLost | SourceChanged | SourceUnreadable> => {
-        let bytes: Buffer | undefined
-        try {
-          bytes = source.readFramed!()
-        } catch (e) {
-          const code = (e as NodeJS.ErrnoException).code
-          return code === "ENOENT" || code === "ENOTDIR"
-            ? Effect.fail(new SourceChanged({ path: source.path }))
-            : Effect.fail(new SourceUnreadable({ path: source.path, message: (e as Error).message }))
-        }
-        return bytes === undefined ? Effect.fail(new SourceChanged({ path: source.path })) : writeFramed(source, bytes)
-      })
-    }
+    /** A small file goes out in a batch, read into the very frame that carries it; anything else is streamed. */
+    const writeFile = (session: Session, source: FileSource) =>
+      source.readInto !== undefined && session.writeSmall !== undefined ? session.writeSmall(source) : session.write(source)
 
     /** Sends one batch, pipelined; returns when every operation is acknowledged. */
     const apply = (session: Session, batch: Map<string, ChangeKind>) =>

@@ -13,13 +13,20 @@
  * number naming the `Write` they belong to, then raw bytes. A `Write { size }` is followed by
  * binary frames for its seq whose payloads add up to exactly `size` (none for an empty file).
  *
+ * Small files travel many to a message: `WriteBatch { seq, files }` is the `Write` of the files'
+ * bytes one after the other (binary frames for `seq`, adding up to the sum of their sizes), and file
+ * `i` is operation `seq + i`. Its files are written in any order, side by side, so a batch never names
+ * one path twice. It is answered by one `Ack { seq, count }` when every file was written, else by one
+ * reply per file; a batch that fails as a whole (aborted, malformed) by one `OpFailed { seq, count }`.
+ *
  * Flow control, per channel: the daemon returns `Credit { ch, bytes }` once it has put chunk bytes
  * on disk; the client keeps at most `WINDOW_BYTES` of unacknowledged chunk bytes in flight per
  * channel, so a slow disk on the remote bounds memory on both sides, and one channel's backlog
  * never holds up another's.
  *
  * Every operation carries a client-chosen `seq` (unique within its channel) and is answered by
- * exactly one `Ack { ch, seq }` or `OpFailed { ch, seq }`, in the order operations complete.
+ * exactly one `Ack { ch, seq }` or `OpFailed { ch, seq }`, in the order operations complete; a reply
+ * with a `count` answers the `count` operations from `seq` on.
  * Operations of a channel are applied as if in the order they were sent: one never runs before an
  * earlier one on the same path, an ancestor or a descendant (independent ones run concurrently).
  * A client sends a `Write`'s chunks before the chunks of any later `Write` to the same, an ancestor
@@ -28,7 +35,7 @@
  */
 import { Either, Schema } from "effect"
 
-export const PROTOCOL_VERSION = 2
+export const PROTOCOL_VERSION = 3
 
 /** Payload bytes per binary frame. */
 export const CHUNK_BYTES = 1024 * 1024
@@ -36,8 +43,12 @@ export const CHUNK_BYTES = 1024 * 1024
 export const MAX_FRAME_BYTES = CHUNK_BYTES + 64 * 1024
 /** Unacknowledged chunk bytes a client may have in flight per channel. */
 export const WINDOW_BYTES = 8 * CHUNK_BYTES
-/** Unanswered `Write`s a client may have per channel; the daemon refuses a Write beyond them. */
+/** Unanswered `Write`s and `WriteBatch`es a client may have per channel; the daemon refuses one beyond them. */
 export const MAX_OPEN_WRITES = 256
+/** Most files in one `WriteBatch`. */
+export const MAX_BATCH_FILES = 256
+/** Most bytes in one `WriteBatch`: its content is one binary frame. */
+export const MAX_BATCH_BYTES = CHUNK_BYTES
 
 const Seq = Schema.Int.pipe(Schema.between(0, 0xffffffff))
 /** A channel of the session; absent on the wire means channel 0. */
@@ -76,6 +87,21 @@ export class Write extends Schema.TaggedClass<Write>()("Write", {
   mtime: Mtime
 }) {}
 
+export const BatchFile = Schema.Struct({
+  path: RelPath,
+  size: Schema.Int.pipe(Schema.nonNegative()),
+  mode: Mode,
+  mtime: Mtime
+})
+export type BatchFile = typeof BatchFile.Type
+
+/** Whole small files: file `i` is operation `seq + i`; the bytes of all follow as for one `Write`. */
+export class WriteBatch extends Schema.TaggedClass<WriteBatch>()("WriteBatch", {
+  ch: Ch,
+  seq: Seq,
+  files: Schema.Array(BatchFile).pipe(Schema.minItems(1), Schema.maxItems(MAX_BATCH_FILES))
+}) {}
+
 /** Cancels a `Write` whose source changed while it was read; the daemon discards the partial file. */
 export class Abort extends Schema.TaggedClass<Abort>()("Abort", { ch: Ch, seq: Seq }) {}
 
@@ -103,9 +129,9 @@ export class Symlink extends Schema.TaggedClass<Symlink>()("Symlink", {
 /** Asks for the state of the destination tree, for reconciliation. */
 export class ListManifest extends Schema.TaggedClass<ListManifest>()("ListManifest", { ch: Ch, seq: Seq }) {}
 
-export const ClientMessage = Schema.Union(Hello, Open, Close, Write, Abort, Mkdir, Remove, Rename, Symlink, ListManifest)
+export const ClientMessage = Schema.Union(Hello, Open, Close, Write, WriteBatch, Abort, Mkdir, Remove, Rename, Symlink, ListManifest)
 export type ClientMessage = typeof ClientMessage.Type
-export type Operation = Write | Mkdir | Remove | Rename | Symlink | ListManifest
+export type Operation = Write | WriteBatch | Mkdir | Remove | Rename | Symlink | ListManifest
 
 // ---- daemon → client ------------------------------------------------------------------------
 
@@ -134,7 +160,10 @@ export class OpenFailed extends Schema.TaggedClass<OpenFailed>()("OpenFailed", {
 /** Everything sent on the channel has been applied and answered; its number is free. */
 export class Closed extends Schema.TaggedClass<Closed>()("Closed", { ch: Ch }) {}
 
-export class Ack extends Schema.TaggedClass<Ack>()("Ack", { ch: Ch, seq: Seq }) {}
+/** Operations from `seq` on, `count` of them (the files of a `WriteBatch`), or 1. */
+const Count = Schema.optionalWith(Schema.Int.pipe(Schema.between(1, MAX_BATCH_FILES)), { exact: true })
+
+export class Ack extends Schema.TaggedClass<Ack>()("Ack", { ch: Ch, seq: Seq, count: Count }) {}
 
 export const OpErrorCode = Schema.Literal("confinement", "io", "protocol", "aborted")
 export type OpErrorCode = typeof OpErrorCode.Type
@@ -142,7 +171,8 @@ export class OpFailed extends Schema.TaggedClass<OpFailed>()("OpFailed", {
   ch: Ch,
   seq: Seq,
   code: OpErrorCode,
-  message: Schema.String
+  message: Schema.String,
+  count: Count
 }) {}
 
 /** Returns flow-control window: `bytes` of chunk payload have been written to disk. */
@@ -176,6 +206,7 @@ export const decodeClientMessage = Schema.decodeUnknownEither(Schema.parseJson(C
 const decodeDaemonMessageSchema = Schema.decodeUnknownEither(Schema.parseJson(DaemonMessage))
 
 const isSeq = (n: unknown): n is number => typeof n === "number" && Number.isInteger(n) && n >= 0 && n <= 0xffffffff
+const isCount = (n: unknown): n is number => typeof n === "number" && Number.isInteger(n) && n >= 1 && n <= MAX_BATCH_FILES
 const ENTRY_TYPES = new Set(["file", "dir", "symlink"])
 const isEntry = (e: unknown): e is ManifestEntry => {
   if (typeof e !== "object" || e === null) return false
@@ -208,7 +239,7 @@ export const decodeDaemonMessage = (text: string): Either.Either<DaemonMessage, 
   if (m !== null && typeof m === "object" && (m.ch === undefined || isSeq(m.ch))) {
     const keys = Object.keys(m).length - (m.ch === undefined ? 0 : 1)
     const fast =
-      (m._tag === "Ack" && keys === 2 && isSeq(m.seq)) ||
+      (m._tag === "Ack" && isSeq(m.seq) && (keys === 2 || (keys === 3 && isCount(m.count)))) ||
       (m._tag === "Credit" && keys === 2 && Number.isInteger(m.bytes) && (m.bytes as number) >= 0) ||
       (m._tag === "Manifest" && keys === 4 && isSeq(m.seq) && typeof m.done === "boolean" && Array.isArray(m.entries) && m.entries.every(isEntry))
     if (fast) {

@@ -14,6 +14,7 @@ import type { ResolvedDestination, ResolvedProject } from "../schemas/ConfigFile
 import { ConnectError, DaemonLocator, type Endpoint } from "./DaemonLocator.js"
 import {
   Abort,
+  type BatchFile,
   CHUNK_BYTES,
   CHUNK_HEADER_BYTES,
   Close,
@@ -25,6 +26,8 @@ import {
   Hello,
   ListManifest,
   type ManifestEntry,
+  MAX_BATCH_BYTES,
+  MAX_BATCH_FILES,
   MAX_OPEN_WRITES,
   Mkdir,
   Open,
@@ -75,11 +78,11 @@ export interface FileSource {
   readonly mode: number
   readonly mtime: number
   /**
-   * A small file read at once, into a buffer whose first `CHUNK_HEADER_BYTES` are left free for the
-   * frame header (so its bytes are never copied); `undefined` if it changed since it was seen; throws
-   * if unreadable.
+   * A small file read at once into `target` at `offset`, where `size + 1` bytes are free (a file that
+   * grew shows as changed): the bytes read, exactly `size`, or why not. Batched writes read files
+   * straight into the frame that carries them.
    */
-  readonly readFramed?: () => Buffer | undefined
+  readonly readInto?: (target: Buffer, offset: number) => number | SourceChanged | SourceUnreadable
   /** Produces the file's bytes in order, calling `emit` for each chunk and awaiting it. */
   readonly read: (
     emit: (chunk: Uint8Array) => Effect.Effect<void, ConnectionLost>
@@ -98,13 +101,11 @@ export interface Session {
    */
   readonly write: (source: FileSource) => Effect.Effect<Ack, ConnectionLost | SourceChanged | SourceUnreadable>
   /**
-   * The same for a file already read by `readFramed` (small files in a big sync): one cheap effect,
-   * waiting only when the credit window is full. Optional: test doubles may leave it out.
+   * The same for a small file with `readInto`: read into the channel's next `WriteBatch`, sent with
+   * the other files of this turn of the event loop. Waits only when the credit window is full.
+   * Optional: test doubles may leave it out.
    */
-  readonly writeFramed?: (
-    file: { readonly path: string; readonly mode: number; readonly mtime: number },
-    framed: Buffer
-  ) => Effect.Effect<Ack, ConnectionLost>
+  readonly writeSmall?: (source: FileSource) => Effect.Effect<Ack, ConnectionLost | SourceChanged | SourceUnreadable>
   readonly manifest: Effect.Effect<ReadonlyArray<ManifestEntry>, OperationFailed | ConnectionLost>
   /** Completes when the session is gone. */
   readonly closed: Effect.Effect<ConnectionLost>
@@ -115,6 +116,9 @@ export interface SessionOptions {
   readonly heartbeatTimeout: Duration.DurationInput
   readonly openTimeout: Duration.DurationInput
 }
+
+/** Room for file bytes in a new `WriteBatch`, unless its first file needs more. */
+const BATCH_BUFFER_BYTES = 256 * 1024
 
 /** A dead link is declared within interval + timeout = 4.5 s (DESIGN: "within seconds", issue: 5 s). */
 const defaults: SessionOptions = { heartbeatInterval: "1 second", heartbeatTimeout: "3500 millis", openTimeout: "10 seconds" }
@@ -353,11 +357,14 @@ export const openLink = (
       const writeWaiters = new Set<() => void>()
       let lostWith: ConnectionLost | undefined
       let onClosed: (() => void) | undefined
+      /** A `WriteBatch` being filled: its files' bytes follow `CHUNK_HEADER_BYTES` of `buffer`. */
+      let batch: { readonly seq: number; readonly files: Array<BatchFile>; readonly buffer: Buffer; used: number } | undefined
 
       const loseChannel = (message: string) => {
         if (lostWith !== undefined) return
         const lost = new ConnectionLost({ dest: destName, message })
         lostWith = lost
+        batch = undefined
         Deferred.unsafeDone(channelClosed, Effect.succeed(lost))
         for (const p of pending.values()) p.settle(Effect.fail(lost))
         pending.clear()
@@ -373,18 +380,24 @@ export const openLink = (
         onMessage: (message) => {
           switch (message._tag) {
             case "Ack": {
-              const p = pending.get(message.seq)
-              pending.delete(message.seq)
-              answered(p)
-              p?.settle(Effect.void)
+              const last = message.seq + (message.count ?? 1)
+              for (let seq = message.seq; seq < last; seq++) {
+                const p = pending.get(seq)
+                pending.delete(seq)
+                answered(p)
+                p?.settle(Effect.void)
+              }
               return
             }
             case "OpFailed": {
-              const p = pending.get(message.seq)
-              pending.delete(message.seq)
-              answered(p)
-              const failure = new OperationFailed({ dest: destName, path: p?.path ?? "?", code: message.code, message: message.message })
-              p?.settle(Effect.fail(failure))
+              const last = message.seq + (message.count ?? 1)
+              for (let seq = message.seq; seq < last; seq++) {
+                const p = pending.get(seq)
+                pending.delete(seq)
+                answered(p)
+                const failure = new OperationFailed({ dest: destName, path: p?.path ?? "?", code: message.code, message: message.message })
+                p?.settle(Effect.fail(failure))
+              }
               return
             }
             case "Credit": {
@@ -414,13 +427,19 @@ export const openLink = (
           channels.delete(ch)
           resume(Effect.void)
         }
+        flushBatch()
         if (!put(encodeClientMessage(new Close({ ch })))) loseChannel("session closed")
         return Effect.sync(() => clearTimeout(timer))
       })
 
       const ensureOpen = Effect.suspend(() => (lostWith === undefined ? Effect.void : Effect.fail(lostWith)))
 
+      /** Registers an operation about to be sent (after the open batch, which goes first). */
       const register = (path: string, what: Pick<Pending, "entries" | "write"> = {}) => {
+        flushBatch()
+        return registerNow(path, what)
+      }
+      const registerNow = (path: string, what: Pick<Pending, "entries" | "write">) => {
         const seq = nextSeq
         nextSeq = nextSeq >= 0xffffffff ? 1 : nextSeq + 1
         const { settle, wait } = reply()
@@ -516,32 +535,75 @@ export const openLink = (
           return ack
         })
 
-      const sendFramed = (file: { readonly path: string; readonly mode: number; readonly mtime: number }, framed: Buffer): Ack => {
-        const { ack, seq } = register(file.path, { write: true })
-        const size = framed.byteLength - CHUNK_HEADER_BYTES
-        // Plain JSON of a Write: its Schema encoding is the identity, and this runs once per file.
-        put(JSON.stringify({ _tag: "Write", ch, seq, path: file.path, size, mode: file.mode, mtime: file.mtime }))
-        if (size > 0) put(frameChunk(ch, seq, framed))
-        return ack
+      /** Sends the batch being filled, if any. */
+      const flushBatch = () => {
+        const b = batch
+        batch = undefined
+        if (b === undefined || b.files.length === 0) return
+        // Plain JSON: the Schema encoding of a WriteBatch is the identity.
+        if (!put(JSON.stringify({ _tag: "WriteBatch", ch, seq: b.seq, files: b.files }))) return
+        if (b.used > 0) put(frameChunk(ch, b.seq, b.buffer.subarray(0, CHUNK_HEADER_BYTES + b.used)))
       }
-      const writeFramed = (file: { readonly path: string; readonly mode: number; readonly mtime: number }, framed: Buffer) =>
-        Effect.suspend((): Effect.Effect<Ack, ConnectionLost> => {
-          const size = framed.byteLength - CHUNK_HEADER_BYTES
-          if (size > CHUNK_BYTES) return Effect.dieMessage("writeFramed takes at most one chunk")
+      /** Sends the batch being filled unless `size` more bytes fit in it. */
+      const makeRoom = (size: number) => {
+        if (batch === undefined) return
+        const fits = batch.files.length < MAX_BATCH_FILES && batch.seq + batch.files.length === nextSeq &&
+          CHUNK_HEADER_BYTES + batch.used + size < batch.buffer.byteLength
+        if (!fits) flushBatch()
+      }
+      /** Credit taken for a file that will not be sent after all. */
+      const giveBack = (bytes: number) => {
+        window += bytes
+        for (const wake of creditWaiters) wake()
+        creditWaiters.clear()
+      }
+
+      /**
+       * Reads a small file into the batch being filled, which leaves at the end of this turn of the event
+       * loop, or sooner when full or when another operation of the channel is sent.
+       */
+      const writeSmall = (source: FileSource) =>
+        Effect.suspend((): Effect.Effect<Ack, ConnectionLost | SourceChanged | SourceUnreadable> => {
+          if (source.readInto === undefined || source.size > MAX_BATCH_BYTES) return write(source)
           if (lostWith !== undefined || ws.readyState !== WebSocket.OPEN) {
             loseChannel(lostWith?.message ?? "connection closed")
             return Effect.fail(lostWith!)
           }
-          if (window >= size && openWrites < MAX_OPEN_WRITES) {
-            window -= size
-            return Effect.succeed(sendFramed(file, framed))
+          makeRoom(source.size)
+          if (window >= source.size && ((batch !== undefined && batch.files.length > 0) || openWrites < MAX_OPEN_WRITES)) {
+            window -= source.size
+            return addToBatch(source)
           }
+          // What is filled goes first: its credit may be what is awaited.
+          flushBatch()
           return takeWriteSlot.pipe(
-            Effect.zipRight(takeCredit(size)),
+            Effect.zipRight(takeCredit(source.size)),
             Effect.zipRight(ensureOpen),
-            Effect.map(() => sendFramed(file, framed))
+            Effect.flatMap(() => {
+              makeRoom(source.size)
+              return addToBatch(source)
+            })
           )
         })
+      /** Reads `source` into the batch being filled (opening one) and registers it; its credit is taken. */
+      const addToBatch = (source: FileSource): Effect.Effect<Ack, SourceChanged | SourceUnreadable> => {
+        if (batch === undefined) {
+          const buffer = Buffer.allocUnsafe(CHUNK_HEADER_BYTES + Math.max(BATCH_BUFFER_BYTES, source.size + 1))
+          batch = { seq: nextSeq, files: [], buffer, used: 0 }
+          process.nextTick(flushBatch)
+        }
+        const b = batch
+        const read = source.readInto!(b.buffer, CHUNK_HEADER_BYTES + b.used)
+        if (typeof read !== "number") {
+          giveBack(source.size)
+          return Effect.fail(read)
+        }
+        // The first file holds the batch's place among the open writes.
+        const { ack } = registerNow(source.path, b.files.length === 0 ? { write: true } : {})
+        b.files.push({ path: source.path, size: read, mode: source.mode, mtime: source.mtime })
+        b.used += read
+        return Effect.succeed(ack)
+      }
 
       const manifest = Effect.gen(function* () {
         yield* ensureOpen
@@ -552,7 +614,7 @@ export const openLink = (
         return entries
       })
 
-      const session: Session = { root, send, write, writeFramed, manifest, closed: Deferred.await(channelClosed) }
+      const session: Session = { root, send, write, writeSmall, manifest, closed: Deferred.await(channelClosed) }
       return { session, close }
     }
 

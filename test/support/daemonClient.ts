@@ -26,7 +26,8 @@ import {
   type ManifestEntry,
   PROTOCOL_VERSION,
   WINDOW_BYTES,
-  Write
+  Write,
+  WriteBatch
 } from "../../src/schemas/Protocol.js"
 import { Either, Schema } from "effect"
 
@@ -221,6 +222,26 @@ export class DaemonClient {
       new Write({ ch, seq, path: filePath, size: content.byteLength, mode: options?.mode ?? 0o644, mtime: options?.mtime ?? Date.now() })
     )
     await this.writeChunks(seq, content, options)
+  }
+
+  /**
+   * Sends a `WriteBatch` of `files` (file `i` is operation `seq + i`) and their bytes in one frame, or in
+   * frames of `chunkBytes`. Take the replies with `reply(seq)`.
+   */
+  writeBatch(
+    seq: number,
+    files: ReadonlyArray<{ readonly path: string; readonly content: Uint8Array; readonly mode?: number; readonly mtime?: number }>,
+    options?: { readonly chunkBytes?: number }
+  ): void {
+    this.send(
+      new WriteBatch({
+        seq,
+        files: files.map((f) => ({ path: f.path, size: f.content.byteLength, mode: f.mode ?? 0o644, mtime: f.mtime ?? Date.now() }))
+      })
+    )
+    const bytes = Buffer.concat(files.map((f) => f.content))
+    const chunkBytes = options?.chunkBytes ?? CHUNK_BYTES
+    for (let offset = 0; offset < bytes.byteLength; offset += chunkBytes) this.sendChunk(seq, bytes.subarray(offset, offset + chunkBytes))
   }
 
   /** The replies for `seqs`, in the order given (they may have arrived in any order). */
