@@ -76,71 +76,87 @@ export const reconnectSchedule = (options: SyncOptions = defaultSyncOptions) =>
  */
 const SMALL_FILE_BYTES = 256 * 1024
 
-/** A file's bytes as they are now; a size or mtime change during the read means "read it again later". */
-export const fileSource = (abs: string, rel: string, stats: import("node:fs").Stats): FileSource => {
-  const changed = (s: import("node:fs").Stats) => s.size !== stats.size || s.mtimeMs !== stats.mtimeMs
-  const unreadable = (e: unknown) => {
+type Stats = import("node:fs").Stats
+
+/**
+ * A file's bytes as they are now; a size or mtime change during the read means "read it again later".
+ * Classes, not closures: a big sync makes one per file.
+ */
+export const fileSource = (abs: string, rel: string, stats: Stats): FileSource =>
+  stats.size <= SMALL_FILE_BYTES ? new SmallFile(abs, rel, stats) : new LargeFile(abs, rel, stats)
+
+abstract class LocalFile {
+  readonly size: number
+  readonly mode: number
+  readonly mtime: number
+  constructor(protected readonly abs: string, readonly path: string, protected readonly stats: Stats) {
+    this.size = stats.size
+    this.mode = stats.mode & 0o7777
+    this.mtime = stats.mtimeMs
+  }
+  protected changed(now: Stats) {
+    return now.size !== this.stats.size || now.mtimeMs !== this.stats.mtimeMs
+  }
+  protected unreadable(e: unknown) {
     const code = (e as NodeJS.ErrnoException).code
     return code === "ENOENT" || code === "ENOTDIR"
-      ? new SourceChanged({ path: rel })
-      : new SourceUnreadable({ path: rel, message: (e as Error).message })
+      ? new SourceChanged({ path: this.path })
+      : new SourceUnreadable({ path: this.path, message: (e as Error).message })
   }
+}
 
+class SmallFile extends LocalFile implements FileSource {
   /** The whole file into `target` at `offset`, where `size + 1` bytes are free. */
-  const readInto = (target: Buffer, offset: number): number | SourceChanged | SourceUnreadable => {
+  readInto(target: Buffer, offset: number): number | SourceChanged | SourceUnreadable {
     let fd: number
     try {
-      fd = fsSync.openSync(abs, "r")
+      fd = fsSync.openSync(this.abs, "r")
     } catch (e) {
-      return unreadable(e)
+      return this.unreadable(e)
     }
     try {
       // One byte more than expected: a file that grew since the stat is noticed here.
-      const bytesRead = fsSync.readSync(fd, target, offset, stats.size + 1, 0)
-      return bytesRead !== stats.size || changed(fsSync.fstatSync(fd)) ? new SourceChanged({ path: rel }) : bytesRead
+      const bytesRead = fsSync.readSync(fd, target, offset, this.size + 1, 0)
+      return bytesRead !== this.size || this.changed(fsSync.fstatSync(fd)) ? new SourceChanged({ path: this.path }) : bytesRead
     } catch (e) {
-      return unreadable(e)
+      return this.unreadable(e)
     } finally {
       fsSync.closeSync(fd)
     }
   }
 
-  const readSmall: FileSource["read"] = (emit) =>
-    Effect.suspend((): Effect.Effect<void, ConnectionLost | SourceChanged | SourceUnreadable> => {
-      const buffer = Buffer.allocUnsafe(stats.size + 1)
-      const read = readInto(buffer, 0)
+  read(emit: (chunk: Uint8Array) => Effect.Effect<void, ConnectionLost>) {
+    return Effect.suspend((): Effect.Effect<void, ConnectionLost | SourceChanged | SourceUnreadable> => {
+      const buffer = Buffer.allocUnsafe(this.size + 1)
+      const read = this.readInto(buffer, 0)
       if (typeof read !== "number") return Effect.fail(read)
       return read > 0 ? emit(buffer.subarray(0, read)) : Effect.void
     })
+  }
+}
 
-  const readLarge: FileSource["read"] = (emit) =>
-    Effect.acquireUseRelease(
-      Effect.tryPromise({ try: () => fs.open(abs, "r"), catch: unreadable }),
+class LargeFile extends LocalFile implements FileSource {
+  read(emit: (chunk: Uint8Array) => Effect.Effect<void, ConnectionLost>) {
+    const { abs, path: rel, size } = this
+    return Effect.acquireUseRelease(
+      Effect.tryPromise({ try: () => fs.open(abs, "r"), catch: (e) => this.unreadable(e) }),
       (handle) =>
-        Effect.gen(function* () {
+        Effect.gen(this, function* () {
           const io = <A>(f: () => Promise<A>) =>
             Effect.tryPromise({ try: f, catch: (e) => new SourceUnreadable({ path: rel, message: (e as Error).message }) })
-          if (changed(yield* io(() => handle.stat()))) return yield* new SourceChanged({ path: rel })
+          if (this.changed(yield* io(() => handle.stat()))) return yield* new SourceChanged({ path: rel })
           let offset = 0
-          while (offset < stats.size) {
-            const buffer = Buffer.allocUnsafe(Math.min(CHUNK_BYTES, stats.size - offset))
+          while (offset < size) {
+            const buffer = Buffer.allocUnsafe(Math.min(CHUNK_BYTES, size - offset))
             const { bytesRead } = yield* io(() => handle.read(buffer, 0, buffer.byteLength, offset))
             if (bytesRead === 0) return yield* new SourceChanged({ path: rel })
             yield* emit(buffer.subarray(0, bytesRead))
             offset += bytesRead
           }
-          if (changed(yield* io(() => handle.stat()))) return yield* new SourceChanged({ path: rel })
+          if (this.changed(yield* io(() => handle.stat()))) return yield* new SourceChanged({ path: rel })
         }),
       (handle) => Effect.promise(() => handle.close())
     )
-
-  return {
-    path: rel,
-    size: stats.size,
-    mode: stats.mode & 0o7777,
-    mtime: stats.mtimeMs,
-    read: stats.size <= SMALL_FILE_BYTES ? readSmall : readLarge,
-    ...(stats.size <= SMALL_FILE_BYTES ? { readInto } : {})
   }
 }
 
@@ -159,8 +175,6 @@ type Plan =
   | { readonly kind: "symlink"; readonly path: string; readonly target: string }
   | { readonly kind: "write"; readonly path: string; readonly source: FileSource }
   | { readonly kind: "skip"; readonly path: string; readonly why: string }
-
-export const planFor = (project: ResolvedProject, excludes: Excludes, change: Change) => Effect.sync(() => planNow(project, excludes, change))
 
 /** Synchronous: a few microseconds per path, where async calls cost a thread-pool round trip each. */
 const planNow = (project: ResolvedProject, excludes: Excludes, change: Change): Plan => {
@@ -207,7 +221,7 @@ const MAX_RETRIES = 5
 /**
  * One local scan serves every destination reconciling at about the same time. Reusing a scan that
  * started before a change is safe: the change is in every worker's dirty set (workers exist before
- * the watcher starts) and `planFor` sends what is on disk at send time, never the scan's view.
+ * the watcher starts) and `planNow` sends what is on disk at send time, never the scan's view.
  */
 export interface Scanner {
   /** A scan that started at `notBefore` or later (ms since the epoch), running a new one if needed. */
@@ -376,9 +390,15 @@ export const makeDestinationWorker = (
         }
 
         const acks: Array<{ readonly plan: Plan; readonly ack: Ack; readonly kind: ChangeKind }> = []
+        // Made once, not per path: a big sync sends tens of thousands.
+        const unsent = {
+          SourceChanged: () => Effect.sync(() => (settling = true)).pipe(Effect.as("settling" as const)),
+          SourceUnreadable: (e: SourceUnreadable) => Effect.as(Effect.logError(`cannot read ${e.path}: ${e.message}`), undefined)
+        }
         yield* Effect.gen(function* () {
           for (const change of ordered) {
-            const plan = yield* planFor(project, excludes, change)
+            // Synchronous, in the generator: an effect per path would cost more than the lstat it wraps.
+            const plan = planNow(project, excludes, change)
             if (plan.kind === "skip" || (plan.kind === "remove" && options.noDelete)) {
               unapplied.delete(change.path)
               if (plan.kind === "skip" && plan.why !== "excluded") yield* Effect.logWarning(`skipped ${plan.path}: ${plan.why}`)
@@ -394,12 +414,7 @@ export const makeDestinationWorker = (
                         ? { _tag: "Mkdir", path: plan.path, mode: plan.mode, mtime: plan.mtime }
                         : { _tag: "Symlink", path: plan.path, target: plan.target }
                   )
-            ).pipe(
-              Effect.catchTags({
-                SourceChanged: () => Effect.sync(() => (settling = true)).pipe(Effect.as("settling" as const)),
-                SourceUnreadable: (e) => Effect.as(Effect.logError(`cannot read ${e.path}: ${e.message}`), undefined)
-              })
-            )
+            ).pipe(Effect.catchTags(unsent))
             if (sent === "settling") continue
             if (sent === undefined) {
               unapplied.delete(change.path)
