@@ -5,7 +5,7 @@
 import { Effect, Either, Exit } from "effect"
 import { afterEach, describe, expect, it } from "vitest"
 import { type WebSocket, WebSocketServer } from "ws"
-import { CHUNK_HEADER_BYTES, decodeChunk, MAX_BATCH_FILES, PROTOCOL_VERSION } from "../src/schemas/Protocol.js"
+import { CHUNK_HEADER_BYTES, decodeChunk, MAX_BATCH_FILES, PROTOCOL_VERSION, WINDOW_BYTES } from "../src/schemas/Protocol.js"
 import { type FileSource, openLink, type Session, SourceChanged } from "../src/services/RemoteConnection.js"
 import { testDestination, testProject } from "./support/fixtures.js"
 
@@ -140,6 +140,49 @@ describe("batched small files", () => {
     expect(Either.isLeft(result) && result.left._tag).toBe("SourceChanged")
     expect(texts(received)).toEqual(["WriteBatch", "bytes 1 4"])
     expect((received[0] as { text: Record<string, any> }).text.files.map((f: { path: string }) => f.path)).toEqual(["a", "c"])
+  })
+
+  it("more bytes than the credit window: the filled batch leaves first, then it waits for credit, never over the window", async () => {
+    // Credit only for bytes received, as the daemon gives it: a client waiting on credit with its
+    // batch unsent would wait forever.
+    let inFlight = 0
+    let maxInFlight = 0
+    const answer: Answer = (m, reply) => {
+      if (m._tag !== "WriteBatch") return
+      const bytes = m.files.reduce((n: number, f: { size: number }) => n + f.size, 0)
+      setTimeout(() => {
+        inFlight -= bytes
+        reply({ _tag: "Credit", ch: m.ch, bytes })
+        reply({ _tag: "Ack", ch: m.ch, seq: m.seq, count: m.files.length })
+      }, 50)
+    }
+    const files = Array.from({ length: 48 }, (_, i) => small(`f${i}`, Buffer.alloc(250 * 1024, i)))
+    const script = { current: answer }
+    const daemon = await scriptedDaemon(script)
+    const onBytes = daemon.received.push.bind(daemon.received)
+    daemon.received.push = (...items: Array<Received>) => {
+      for (const r of items) {
+        if (!("text" in r)) {
+          inFlight += r.payload.byteLength
+          maxInFlight = Math.max(maxInFlight, inFlight)
+        }
+      }
+      return onBytes(...items)
+    }
+    await Effect.runPromise(
+      Effect.scoped(
+        Effect.gen(function* () {
+          const link = yield* openLink("scripted", daemon.endpoint)
+          const session = yield* link.open(testDestination("d"), testProject("/p"))
+          const acks = yield* Effect.forEach(files, (f) => session.writeSmall!(f))
+          yield* Effect.all(acks)
+        }).pipe(Effect.timeout("10 seconds"))
+      )
+    )
+    const bytes = Buffer.concat(daemon.received.flatMap((r) => ("text" in r ? [] : [r.payload])))
+    expect(bytes.equals(Buffer.concat(files.map((_, i) => Buffer.alloc(250 * 1024, i))))).toBe(true)
+    expect(maxInFlight).toBeGreaterThan(WINDOW_BYTES / 2)
+    expect(maxInFlight).toBeLessThanOrEqual(WINDOW_BYTES)
   })
 
   it("a batch holds at most MAX_BATCH_FILES files and one frame of bytes; more start the next one", async () => {

@@ -1243,6 +1243,25 @@ const operations = (chan: Channel, ctx: SessionContext, root: string) =>
         ack(seq)
       })
 
+    /** Takes a write (or batch) from its header on: it runs once its turn comes and its bytes are here. */
+    const startWrite = (
+      header: Pick<PendingWrite, "seq" | "path" | "files" | "oneByOne" | "size" | "mode" | "mtime">,
+      keys: ReadonlyArray<string>
+    ) => {
+      const w: PendingWrite = {
+        ...header,
+        slot: ordering.enter(keys),
+        received: 0,
+        chunks: [],
+        buffered: 0,
+        failure: undefined,
+        wake: undefined
+      }
+      writes.set(w.seq, w)
+      live.add(w)
+      dispatch(w.slot, () => runWrite(w))
+    }
+
     const startOperation = (message: Operation) => {
       const { seq } = message
       const isWrite = message._tag === "Write" || message._tag === "WriteBatch"
@@ -1261,44 +1280,12 @@ const operations = (chan: Channel, ctx: SessionContext, root: string) =>
             warnNow(`batch ${seq} refused: ${checked}`)
             return failNow(seq, "protocol", checked, count)
           }
-          const w: PendingWrite = {
-            seq,
-            path: message.files[0]!.path,
-            files: message.files,
-            oneByOne: checked.oneByOne,
-            size: checked.size,
-            mode: 0,
-            mtime: 0,
-            slot: ordering.enter(checked.keys),
-            received: 0,
-            chunks: [],
-            buffered: 0,
-            failure: undefined,
-            wake: undefined
-          }
-          writes.set(seq, w)
-          live.add(w)
-          return dispatch(w.slot, () => runWrite(w))
+          const { files } = message
+          return startWrite({ seq, path: files[0]!.path, files, oneByOne: checked.oneByOne, size: checked.size, mode: 0, mtime: 0 }, checked.keys)
         }
         case "Write": {
-          const w: PendingWrite = {
-            seq,
-            path: message.path,
-            files: undefined,
-            oneByOne: false,
-            size: message.size,
-            mode: message.mode,
-            mtime: message.mtime,
-            slot: ordering.enter(keysOf(message.path)),
-            received: 0,
-            chunks: [],
-            buffered: 0,
-            failure: undefined,
-            wake: undefined
-          }
-          writes.set(seq, w)
-          live.add(w)
-          return dispatch(w.slot, () => runWrite(w))
+          const { mode, mtime, path: p, size } = message
+          return startWrite({ seq, path: p, files: undefined, oneByOne: false, size, mode, mtime }, keysOf(p))
         }
         case "Mkdir":
           return simple(seq, keysOf(message.path), () => fsApi.mkdir(root, message.path, message.mode, message.mtime))

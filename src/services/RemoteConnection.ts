@@ -574,7 +574,7 @@ export const openLink = (
             window -= source.size
             return addToBatch(source)
           }
-          // What is filled goes first: its credit may be what is awaited.
+          // What is filled leaves now, not after the wait.
           flushBatch()
           return takeWriteSlot.pipe(
             Effect.zipRight(takeCredit(source.size)),
