@@ -732,7 +732,7 @@ describe("batched writes", () => {
     await client.close()
   })
 
-  it("a batch naming one file twice, or in two cases, writes them in order: the later one wins", async () => {
+  it("a batch naming one file twice, in two cases, or one below another writes them in order: the later one wins", async () => {
     const { client, root } = await openSession()
     // the older one large enough to be written in several steps, the newer one small enough for one:
     // written side by side, the older would land last
@@ -748,6 +748,14 @@ describe("batched writes", () => {
     // this filesystem tells the two cases apart: both are there
     expect(fs.readFileSync(path.join(root, "Case.txt"), "utf8")).toBe("upper")
     expect(fs.readFileSync(path.join(root, "case.txt"), "utf8")).toBe("lower")
+    // one below the other: the file first, then a write below it, which a file there refuses
+    client.writeBatch(40, [
+      { path: "node", content: older },
+      { path: "node/leaf", content: Buffer.from("leaf") }
+    ])
+    const [first, second] = await client.replies([40, 41])
+    expect([first?._tag, second?._tag]).toEqual(["Ack", "OpFailed"])
+    expect(fs.readFileSync(path.join(root, "node")).equals(older)).toBe(true)
     await client.close()
   })
 

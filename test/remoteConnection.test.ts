@@ -104,6 +104,8 @@ describe("batched small files", () => {
     )
     expect(texts(received)).toEqual(["WriteBatch", "bytes 1 1", "Mkdir", "WriteBatch", "bytes 3 2"])
     expect(received.flatMap((r) => ("text" in r ? [r.text.seq] : []))).toEqual([1, 2, 3])
+    // the second batch is cut from the rest of the first one's buffer: each frame carries its own bytes
+    expect(received.flatMap((r) => ("text" in r ? [] : [r.payload.toString()]))).toEqual(["1", "23"])
   })
 
   it("each file's ack answers for it alone, and fails naming its path; a failed batch fails every file", async () => {

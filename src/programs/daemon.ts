@@ -496,7 +496,8 @@ const looseCount = (json: Record<string, unknown> | undefined): number | undefin
 /**
  * What a `WriteBatch` must be beyond its schema (its seqs within range, its bytes within one frame), or
  * what is wrong; with its size and ordering keys. Its files are written side by side unless two of them
- * may be one file (the same key: the same path, or one differing in case only), then one by one.
+ * may be one file or one be below the other (a key equal to or an ancestor of another: the same path, or
+ * one differing in case only), then one by one, in order.
  */
 const checkBatch = (
   batch: WriteBatch
@@ -513,6 +514,9 @@ const checkBatch = (
     keys.add(key)
   }
   if (size > MAX_BATCH_BYTES) return `its files add up to ${size} bytes, more than ${MAX_BATCH_BYTES}`
+  if (!oneByOne) {
+    for (const key of keys) if (ancestorsOf(key).some((a) => keys.has(a))) oneByOne = true
+  }
   return { size, keys: [...keys], oneByOne }
 }
 

@@ -117,7 +117,7 @@ export interface SessionOptions {
   readonly openTimeout: Duration.DurationInput
 }
 
-/** Room for file bytes in a new `WriteBatch`, unless its first file needs more. */
+/** Room for file bytes in a new batch buffer, unless its first file needs more. */
 const BATCH_BUFFER_BYTES = 256 * 1024
 
 /** A dead link is declared within interval + timeout = 4.5 s (DESIGN: "within seconds", issue: 5 s). */
@@ -358,7 +358,15 @@ export const openLink = (
       let lostWith: ConnectionLost | undefined
       let onClosed: (() => void) | undefined
       /** A `WriteBatch` being filled: its files' bytes follow `CHUNK_HEADER_BYTES` of `buffer`. */
-      let batch: { readonly seq: number; readonly files: Array<BatchFile>; readonly buffer: Buffer; used: number } | undefined
+      let batch:
+        | { readonly seq: number; readonly files: Array<BatchFile>; readonly buffer: Buffer; readonly start: number; used: number }
+        | undefined
+      /**
+       * Where the next batch can start: batches are cut one after another from one buffer, so a batch of
+       * a few files (a turn of live edits, or one cut short by a Mkdir) neither allocates nor holds a
+       * buffer of its own while the socket still has it.
+       */
+      let spare: { readonly buffer: Buffer; readonly offset: number } | undefined
 
       const loseChannel = (message: string) => {
         if (lostWith !== undefined) return
@@ -539,16 +547,22 @@ export const openLink = (
       const flushBatch = () => {
         const b = batch
         batch = undefined
-        if (b === undefined || b.files.length === 0) return
+        if (b === undefined) return
+        if (b.files.length === 0) {
+          spare = { buffer: b.buffer, offset: b.start }
+          return
+        }
+        const end = b.start + CHUNK_HEADER_BYTES + b.used
+        spare = { buffer: b.buffer, offset: end }
         // Plain JSON: the Schema encoding of a WriteBatch is the identity.
         if (!put(JSON.stringify({ _tag: "WriteBatch", ch, seq: b.seq, files: b.files }))) return
-        if (b.used > 0) put(frameChunk(ch, b.seq, b.buffer.subarray(0, CHUNK_HEADER_BYTES + b.used)))
+        if (b.used > 0) put(frameChunk(ch, b.seq, b.buffer.subarray(b.start, end)))
       }
       /** Sends the batch being filled unless `size` more bytes fit in it. */
       const makeRoom = (size: number) => {
         if (batch === undefined) return
         const fits = batch.files.length < MAX_BATCH_FILES && batch.seq + batch.files.length === nextSeq &&
-          CHUNK_HEADER_BYTES + batch.used + size < batch.buffer.byteLength
+          batch.start + CHUNK_HEADER_BYTES + batch.used + size < batch.buffer.byteLength
         if (!fits) flushBatch()
       }
       /** Credit taken for a file that will not be sent after all. */
@@ -588,12 +602,18 @@ export const openLink = (
       /** Reads `source` into the batch being filled (opening one) and registers it; its credit is taken. */
       const addToBatch = (source: FileSource): Effect.Effect<Ack, SourceChanged | SourceUnreadable> => {
         if (batch === undefined) {
-          const buffer = Buffer.allocUnsafe(CHUNK_HEADER_BYTES + Math.max(BATCH_BUFFER_BYTES, source.size + 1))
-          batch = { seq: nextSeq, files: [], buffer, used: 0 }
+          // The file and the byte that shows it grew, after the frame header.
+          const needs = CHUNK_HEADER_BYTES + source.size + 1
+          if (spare !== undefined && spare.offset + needs <= spare.buffer.byteLength) {
+            batch = { seq: nextSeq, files: [], buffer: spare.buffer, start: spare.offset, used: 0 }
+          } else {
+            batch = { seq: nextSeq, files: [], buffer: Buffer.allocUnsafe(Math.max(CHUNK_HEADER_BYTES + BATCH_BUFFER_BYTES, needs)), start: 0, used: 0 }
+          }
+          spare = undefined
           process.nextTick(flushBatch)
         }
         const b = batch
-        const read = source.readInto!(b.buffer, CHUNK_HEADER_BYTES + b.used)
+        const read = source.readInto!(b.buffer, b.start + CHUNK_HEADER_BYTES + b.used)
         if (typeof read !== "number") {
           giveBack(source.size)
           return Effect.fail(read)
