@@ -216,7 +216,9 @@ describe("sicksync --all: three projects × two hosts in one process", () => {
   it("a project whose root is removed is stopped and retried with its name in the logs; the others keep syncing", async () => {
     const saved = path.join(base, "gamma-saved")
     fs.cpSync(projects.gamma, saved, { recursive: true, preserveTimestamps: true })
-    fs.rmSync(projects.gamma, { recursive: true, force: true })
+    // Gone at once, as an unmounted or moved-away root is. (`rm -rf` takes its files one by one: a
+    // deletion seen while the root is still there is the user's, and is mirrored.)
+    fs.renameSync(projects.gamma, path.join(base, "gamma-gone"))
     await waitUntil(
       "two restarts of gamma",
       () => count(/^\[gamma\] error: stopped: .*restarting in /) >= 2,
