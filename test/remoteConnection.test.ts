@@ -24,7 +24,7 @@ afterEach(async () => {
 })
 
 /** A daemon on 127.0.0.1 that welcomes, opens channels, records and answers with `answer`. */
-const scriptedDaemon = async (answer: { current: Answer }) => {
+const scriptedDaemon = async (answer: { current: Answer }, onBytes: (bytes: number) => void = () => undefined) => {
   const received: Array<Received> = []
   const server = new WebSocketServer({ host: "127.0.0.1", port: 0 })
   servers.push(server)
@@ -32,7 +32,11 @@ const scriptedDaemon = async (answer: { current: Answer }) => {
   server.on("connection", (ws: WebSocket) => {
     const reply = (m: Record<string, unknown>) => ws.send(JSON.stringify(m))
     ws.on("message", (data: Buffer, isBinary) => {
-      if (isBinary) return void received.push(decodeChunk(data)!)
+      if (isBinary) {
+        const chunk = decodeChunk(data)!
+        onBytes(chunk.payload.byteLength)
+        return void received.push(chunk)
+      }
       const m = JSON.parse(data.toString("utf8"))
       if (m._tag === "Hello") return reply({ _tag: "Welcome", protocolVersion: PROTOCOL_VERSION, daemonVersion: "test", sessionId: "s" })
       if (m._tag === "Open") return reply({ _tag: "Opened", ch: m.ch, root: "/dest" })
@@ -56,9 +60,13 @@ const small = (path: string, content: Buffer | SourceChanged, mode = 0o644): Fil
 })
 
 /** Runs `body` with a session on a scripted daemon; returns what it produced and what the daemon received. */
-const withSession = async <A>(answer: Answer, body: (session: Session) => Effect.Effect<A, unknown>) => {
+const withSession = async <A>(
+  answer: Answer,
+  body: (session: Session) => Effect.Effect<A, unknown>,
+  onBytes?: (bytes: number) => void
+) => {
   const script = { current: answer }
-  const daemon = await scriptedDaemon(script)
+  const daemon = await scriptedDaemon(script, onBytes)
   const result = await Effect.runPromise(
     Effect.scoped(
       Effect.gen(function* () {
@@ -159,29 +167,20 @@ describe("batched small files", () => {
       }, 50)
     }
     const files = Array.from({ length: 48 }, (_, i) => small(`f${i}`, Buffer.alloc(250 * 1024, i)))
-    const script = { current: answer }
-    const daemon = await scriptedDaemon(script)
-    const onBytes = daemon.received.push.bind(daemon.received)
-    daemon.received.push = (...items: Array<Received>) => {
-      for (const r of items) {
-        if (!("text" in r)) {
-          inFlight += r.payload.byteLength
-          maxInFlight = Math.max(maxInFlight, inFlight)
-        }
-      }
-      return onBytes(...items)
+    const onBytes = (bytes: number) => {
+      inFlight += bytes
+      maxInFlight = Math.max(maxInFlight, inFlight)
     }
-    await Effect.runPromise(
-      Effect.scoped(
+    const { received } = await withSession(
+      answer,
+      (session) =>
         Effect.gen(function* () {
-          const link = yield* openLink("scripted", daemon.endpoint)
-          const session = yield* link.open(testDestination("d"), testProject("/p"))
           const acks = yield* Effect.forEach(files, (f) => session.writeSmall!(f))
           yield* Effect.all(acks)
-        }).pipe(Effect.timeout("10 seconds"))
-      )
+        }),
+      onBytes
     )
-    const bytes = Buffer.concat(daemon.received.flatMap((r) => ("text" in r ? [] : [r.payload])))
+    const bytes = Buffer.concat(received.flatMap((r) => ("text" in r ? [] : [r.payload])))
     expect(bytes.equals(Buffer.concat(files.map((_, i) => Buffer.alloc(250 * 1024, i))))).toBe(true)
     expect(maxInFlight).toBeGreaterThan(WINDOW_BYTES / 2)
     expect(maxInFlight).toBeLessThanOrEqual(WINDOW_BYTES)

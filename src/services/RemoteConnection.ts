@@ -383,37 +383,34 @@ export const openLink = (
         onClosed?.()
       }
 
+      /** Answers the `count` operations from `seq` on (a reply without a count answers one). */
+      const settleFrom = (first: number, count: number | undefined, outcome: (path: string) => Outcome) => {
+        for (let seq = first; seq < first + (count ?? 1); seq++) {
+          const p = pending.get(seq)
+          if (p === undefined) continue
+          pending.delete(seq)
+          answered(p)
+          p.settle(outcome(p.path))
+        }
+      }
+      const addCredit = (bytes: number) => {
+        window += bytes
+        for (const wake of creditWaiters) wake()
+        creditWaiters.clear()
+      }
+
       channels.set(ch, {
         lose: loseChannel,
         onMessage: (message) => {
           switch (message._tag) {
-            case "Ack": {
-              const last = message.seq + (message.count ?? 1)
-              for (let seq = message.seq; seq < last; seq++) {
-                const p = pending.get(seq)
-                pending.delete(seq)
-                answered(p)
-                p?.settle(Effect.void)
-              }
-              return
-            }
-            case "OpFailed": {
-              const last = message.seq + (message.count ?? 1)
-              for (let seq = message.seq; seq < last; seq++) {
-                const p = pending.get(seq)
-                pending.delete(seq)
-                answered(p)
-                const failure = new OperationFailed({ dest: destName, path: p?.path ?? "?", code: message.code, message: message.message })
-                p?.settle(Effect.fail(failure))
-              }
-              return
-            }
-            case "Credit": {
-              window += message.bytes
-              for (const wake of creditWaiters) wake()
-              creditWaiters.clear()
-              return
-            }
+            case "Ack":
+              return settleFrom(message.seq, message.count, () => Effect.void)
+            case "OpFailed":
+              return settleFrom(message.seq, message.count, (path) =>
+                Effect.fail(new OperationFailed({ dest: destName, path, code: message.code, message: message.message }))
+              )
+            case "Credit":
+              return addCredit(message.bytes)
             case "Manifest": {
               pending.get(message.seq)?.entries?.push(...message.entries)
               return
@@ -565,12 +562,6 @@ export const openLink = (
           batch.start + CHUNK_HEADER_BYTES + batch.used + size < batch.buffer.byteLength
         if (!fits) flushBatch()
       }
-      /** Credit taken for a file that will not be sent after all. */
-      const giveBack = (bytes: number) => {
-        window += bytes
-        for (const wake of creditWaiters) wake()
-        creditWaiters.clear()
-      }
 
       /**
        * Reads a small file into the batch being filled, which leaves at the end of this turn of the event
@@ -615,7 +606,8 @@ export const openLink = (
         const b = batch
         const read = source.readInto!(b.buffer, b.start + CHUNK_HEADER_BYTES + b.used)
         if (typeof read !== "number") {
-          giveBack(source.size)
+          // taken for a file that is not sent after all
+          addCredit(source.size)
           return Effect.fail(read)
         }
         // The first file holds the batch's place among the open writes.
