@@ -88,7 +88,7 @@ describe("batched small files", () => {
     const { received, result } = await withSession(ackAll, (session) =>
       Effect.gen(function* () {
         const acks = yield* Effect.forEach(files, (f) => session.writeSmall!(f))
-        return yield* Effect.all(acks.map(Effect.exit))
+        return yield* Effect.all(acks.map((a) => Effect.exit(a.wait)))
       })
     )
     expect(result.every(Exit.isSuccess)).toBe(true)
@@ -107,7 +107,7 @@ describe("batched small files", () => {
           yield* session.writeSmall!(small("d/b", Buffer.from("2"))),
           yield* session.writeSmall!(small("d/c", Buffer.from("3")))
         ]
-        yield* Effect.all(acks)
+        yield* Effect.all(acks.map((a) => a.wait))
       })
     )
     expect(texts(received)).toEqual(["WriteBatch", "bytes 1 1", "Mkdir", "WriteBatch", "bytes 3 2"])
@@ -127,14 +127,26 @@ describe("batched small files", () => {
     const { result } = await withSession(answer, (session) =>
       Effect.gen(function* () {
         const first = yield* Effect.forEach(["x", "y", "z"], (p) => session.writeSmall!(small(p, Buffer.from(p))))
-        const outcomes = yield* Effect.all(first.map(Effect.either))
+        const outcomes = yield* Effect.all(first.map((a) => Effect.either(a.wait)))
         yield* Effect.sleep(1) // the next files start a batch of their own
         const second = yield* Effect.forEach(["u", "v"], (p) => session.writeSmall!(small(p, Buffer.from(p))))
-        return [...outcomes, ...(yield* Effect.all(second.map(Effect.either)))]
+        return [...outcomes, ...(yield* Effect.all(second.map((a) => Effect.either(a.wait))))]
       })
     )
     const summary = result.map((o) => (Either.isRight(o) ? "ok" : `${o.left._tag === "OperationFailed" ? o.left.code : o.left._tag} ${"path" in o.left ? o.left.path : ""}`))
     expect(summary).toEqual(["ok", "io y", "ok", "aborted u", "aborted v"])
+  })
+
+  it("an ack is done once its answer has come, not before", async () => {
+    const { result } = await withSession(ackAll, (session) =>
+      Effect.gen(function* () {
+        const ack = yield* session.writeSmall!(small("a", Buffer.from("a")))
+        const before = ack.done() // the batch has not even left yet
+        yield* ack.wait
+        return [before, ack.done()]
+      })
+    )
+    expect(result).toEqual([false, true])
   })
 
   it("a file that changed while read is left out, the others go", async () => {
@@ -143,7 +155,7 @@ describe("batched small files", () => {
         const a = yield* session.writeSmall!(small("a", Buffer.from("aa")))
         const changed = yield* Effect.either(session.writeSmall!(small("b", new SourceChanged({ path: "b" }))))
         const c = yield* session.writeSmall!(small("c", Buffer.from("cc")))
-        yield* Effect.all([a, c])
+        yield* Effect.all([a.wait, c.wait])
         return changed
       })
     )
@@ -176,7 +188,7 @@ describe("batched small files", () => {
       (session) =>
         Effect.gen(function* () {
           const acks = yield* Effect.forEach(files, (f) => session.writeSmall!(f))
-          yield* Effect.all(acks)
+          yield* Effect.all(acks.map((a) => a.wait))
         }),
       onBytes
     )
@@ -192,7 +204,7 @@ describe("batched small files", () => {
     const { received } = await withSession(ackAll, (session) =>
       Effect.gen(function* () {
         const acks = yield* Effect.forEach([...many, ...large], (f) => session.writeSmall!(f))
-        yield* Effect.all(acks)
+        yield* Effect.all(acks.map((a) => a.wait))
       })
     )
     const batches = received.flatMap((r) => ("text" in r ? [r.text] : []))

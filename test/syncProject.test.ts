@@ -7,6 +7,7 @@ import {
   fileSource,
   makeDestinationWorker as makeWorker,
   makeScanner,
+  MAX_UNSETTLED,
   reconnectSchedule,
   type SyncOptions,
   type WorkerMode
@@ -19,7 +20,7 @@ import * as Progress from "../src/services/Progress.js"
 import * as Status from "../src/services/Status.js"
 import { fakeRemote } from "./support/fakeRemote.js"
 import { tempDirs, testDestination, testProject } from "./support/fixtures.js"
-import { ConnectionLost, RemoteConnection } from "../src/services/RemoteConnection.js"
+import { ConnectionLost, makeMemory, RemoteConnection } from "../src/services/RemoteConnection.js"
 
 const fast: SyncOptions = { ...defaultSyncOptions, settle: "5 millis", backoffBase: "5 millis", backoffCap: "20 millis" }
 
@@ -301,6 +302,56 @@ describe("reconciliation in the worker", () => {
         Effect.provide(remote.layer)
       )
       expect(remote.applied.get("two")?.filter((op) => op.startsWith("Remove")).length).toBe(30)
+    })
+  )
+
+  it.live("answers are taken as they come while sending goes on: the progress bar moves before the last file is sent", () =>
+    Effect.gen(function* () {
+      const root = tmpRoot()
+      for (let i = 0; i < 40; i++) fs.writeFileSync(path.join(root, `f${i}`), `file ${i}`)
+      // Each operation is answered as it is applied: a worker taking its answers only after sending
+      // everything advances the bar first when the destination already holds all 40 files.
+      const memory = makeMemory()
+      const heldAtAdvance: Array<number> = []
+      const progress = Layer.succeed(
+        Progress.Progress,
+        Progress.Progress.of({
+          start: () => Effect.succeed({ advance: () => Effect.sync(() => void heldAtAdvance.push(memory.trees.get("one")?.size ?? 0)), drawn: false })
+        })
+      )
+      yield* makeDestinationWorker(project(root, "one"), dest("one"), none, fast, "once").pipe(
+        Effect.flatMap((w) => w.run),
+        Effect.provide(Layer.mergeAll(memory.layer, progress, Status.layerNone))
+      )
+      expect(memory.trees.get("one")?.size).toBe(40)
+      expect(heldAtAdvance).toHaveLength(40)
+      expect(heldAtAdvance[0]).toBeLessThan(40)
+      // in order, each after its own operation
+      expect(heldAtAdvance.every((held, i) => held >= i + 1)).toBe(true)
+    })
+  )
+
+  it.live(`sending waits for the oldest answer while ${MAX_UNSETTLED} operations are unanswered`, () =>
+    Effect.gen(function* () {
+      const root = tmpRoot()
+      const files = MAX_UNSETTLED + 50
+      for (let i = 0; i < files; i++) fs.writeFileSync(path.join(root, `f${i}`), "")
+      const remote = yield* fakeRemote
+      remote.manifests.set("one", [])
+      const gate = yield* Deferred.make<void>()
+      remote.held.set("one", gate)
+      const run = yield* makeDestinationWorker(project(root, "one"), dest("one"), none, fast, "once").pipe(
+        Effect.flatMap((w) => w.run),
+        Effect.provide(remote.layer),
+        Effect.fork
+      )
+      // the oldest is waited for once one more than the limit is out
+      yield* eventually(() => remote.applied.get("one")?.length === MAX_UNSETTLED + 1, "the limit")
+      yield* Effect.sleep("50 millis")
+      expect(remote.applied.get("one")).toHaveLength(MAX_UNSETTLED + 1)
+      yield* Deferred.succeed(gate, undefined)
+      yield* Fiber.join(run)
+      expect(remote.applied.get("one")).toHaveLength(files)
     })
   )
 

@@ -217,6 +217,11 @@ const verb: Record<Plan["kind"], string> = { remove: "remove", mkdir: "mkdir", s
 const SCAN_REUSE_MS = 2_000
 /** Times a change the daemon refused for the protocol's reasons is sent again before it counts as failed. */
 const MAX_RETRIES = 5
+/**
+ * Operations sent and not yet answered, beyond which sending waits for the oldest answer. Far more
+ * than the credit window holds of files of any useful size: it bounds memory, not throughput.
+ */
+export const MAX_UNSETTLED = 4096
 
 /**
  * One local scan serves every destination reconciling at about the same time. Reusing a scan that
@@ -389,12 +394,50 @@ export const makeDestinationWorker = (
           ordered.splice(0, ordered.length, ...ordered.filter((c) => c.kind !== "remove"))
         }
 
-        const acks: Array<{ readonly plan: Plan; readonly ack: Ack; readonly kind: ChangeKind }> = []
         // Made once, not per path: a big sync sends tens of thousands.
         const unsent = {
           SourceChanged: () => Effect.sync(() => (settling = true)).pipe(Effect.as("settling" as const)),
           SourceUnreadable: (e: SourceUnreadable) => Effect.as(Effect.logError(`cannot read ${e.path}: ${e.message}`), undefined)
         }
+        // Sent and not yet settled, oldest first. Settled in order as their answers come, while the sending
+        // goes on: a big sync's tens of thousands of operations would otherwise all stay in memory until
+        // the last is sent, and its progress bar would stand still until then.
+        const inFlight: Array<{ readonly plan: Plan; readonly ack: Ack; readonly kind: ChangeKind } | undefined> = []
+        let head = 0
+        let settled = 0
+        let shown = 0
+        const showAll = ordered.length <= 25
+        const bar = reconciling?.bar
+        // A drawn progress bar stands in for the per-file lines (they would tear it).
+        const quiet = bar?.drawn === true
+        const settleOldest = Effect.gen(function* () {
+          const { ack, kind, plan } = inFlight[head]!
+          inFlight[head++] = undefined
+          settled++
+          const result = yield* Effect.either(ack.wait)
+          if (result._tag === "Left" && result.left._tag === "ConnectionLost") return yield* result.left
+          // A refusal of the protocol's kind (the daemon too busy, a write it gave up) is tried again,
+          // a few times, after a pause; a filesystem or confinement error is reported and counted.
+          if (result._tag === "Left" && result.left._tag === "OperationFailed" && (result.left.code === "protocol" || result.left.code === "aborted")) {
+            const tries = (retries.get(plan.path) ?? 0) + 1
+            retries.set(plan.path, tries)
+            if (tries <= MAX_RETRIES) {
+              settling = true
+              yield* Effect.logWarning(`${verb[plan.kind]} ${plan.path} refused (${result.left.message}); trying again`)
+              return
+            }
+          }
+          if (unapplied.get(plan.path) === kind) unapplied.delete(plan.path)
+          retries.delete(plan.path)
+          if (bar !== undefined) yield* bar.advance(plan.kind === "write" ? plan.source.size : 0)
+          if (result._tag === "Left") {
+            failures++
+            yield* Effect.logError(`${verb[plan.kind]} ${plan.path} failed: ${result.left.message}`)
+          } else if (!quiet && (shown < 20 || showAll)) {
+            shown++
+            yield* Effect.log(`> ${verb[plan.kind]} ${plan.path}`)
+          }
+        })
         yield* Effect.gen(function* () {
           for (const change of ordered) {
             // Synchronous, in the generator: an effect per path would cost more than the lstat it wraps.
@@ -420,38 +463,11 @@ export const makeDestinationWorker = (
               unapplied.delete(change.path)
               continue
             }
-            acks.push({ plan, ack: sent, kind: change.kind })
+            inFlight.push({ plan, ack: sent, kind: change.kind })
+            while (head < inFlight.length && (inFlight[head]!.ack.done() || inFlight.length - head > MAX_UNSETTLED)) yield* settleOldest
           }
-          let shown = 0
-          const bar = reconciling?.bar
-          // A drawn progress bar stands in for the per-file lines (they would tear it).
-          const quiet = bar?.drawn === true
-          for (const { ack, kind, plan } of acks) {
-            const result = yield* Effect.either(ack)
-            if (result._tag === "Left" && result.left._tag === "ConnectionLost") return yield* result.left
-            // A refusal of the protocol's kind (the daemon too busy, a write it gave up) is tried again,
-            // a few times, after a pause; a filesystem or confinement error is reported and counted.
-            if (result._tag === "Left" && result.left._tag === "OperationFailed" && (result.left.code === "protocol" || result.left.code === "aborted")) {
-              const tries = (retries.get(plan.path) ?? 0) + 1
-              retries.set(plan.path, tries)
-              if (tries <= MAX_RETRIES) {
-                settling = true
-                yield* Effect.logWarning(`${verb[plan.kind]} ${plan.path} refused (${result.left.message}); trying again`)
-                continue
-              }
-            }
-            if (unapplied.get(plan.path) === kind) unapplied.delete(plan.path)
-            retries.delete(plan.path)
-            if (bar !== undefined) yield* bar.advance(plan.kind === "write" ? plan.source.size : 0)
-            if (result._tag === "Left") {
-              failures++
-              yield* Effect.logError(`${verb[plan.kind]} ${plan.path} failed: ${result.left.message}`)
-            } else if (!quiet && (shown < 20 || acks.length <= 25)) {
-              shown++
-              yield* Effect.log(`> ${verb[plan.kind]} ${plan.path}`)
-            }
-          }
-          if (!quiet && acks.length > 25) yield* Effect.log(`> … and ${acks.length - shown} more`)
+          while (head < inFlight.length) yield* settleOldest
+          if (!quiet && !showAll && settled > shown) yield* Effect.log(`> … and ${settled - shown} more`)
         }).pipe(Effect.onExit(() => restore(unapplied)))
       })
 

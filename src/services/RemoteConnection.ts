@@ -63,7 +63,16 @@ export class OperationFailed extends Data.TaggedError("OperationFailed")<{
 
 // ---- sessions ---------------------------------------------------------------------------------
 
-export type Ack = Effect.Effect<void, OperationFailed | ConnectionLost>
+/** The daemon's answer to one operation, as a Deferred offers it: waited for, or looked at. */
+export interface Ack {
+  /** Completes when the answer comes: an operation the daemon refused fails with `OperationFailed`. */
+  readonly wait: Effect.Effect<void, OperationFailed | ConnectionLost>
+  /** Whether the answer has come (`wait` then completes at once). */
+  readonly done: () => boolean
+}
+
+/** An answer already given: the operation succeeded. */
+export const acked: Ack = { wait: Effect.void, done: () => true }
 
 type Input<T> = Omit<T, "seq" | "ch" | "_tag">
 export type OperationInput =
@@ -93,7 +102,7 @@ export interface FileSource {
 export interface Session {
   /** The destination root as resolved on the daemon's machine. */
   readonly root: string
-  /** Sends one operation now; the returned effect waits for its ack. */
+  /** Sends one operation now, returning its ack. */
   readonly send: (op: OperationInput) => Effect.Effect<Ack, ConnectionLost>
   /**
    * Streams a file; resolves once every byte is on the wire, returning the ack to wait for.
@@ -154,7 +163,7 @@ const reply = () => {
       resume = undefined
     })
   })
-  return { settle, wait }
+  return { settle, ack: { wait, done: () => outcome !== undefined } satisfies Ack }
 }
 
 /** What the link needs of a channel: the daemon's replies on it, and the news that the link is gone. */
@@ -447,10 +456,10 @@ export const openLink = (
       const registerNow = (path: string, what: Pick<Pending, "entries" | "write">) => {
         const seq = nextSeq
         nextSeq = nextSeq >= 0xffffffff ? 1 : nextSeq + 1
-        const { settle, wait } = reply()
+        const { settle, ack } = reply()
         pending.set(seq, { path, settle, ...what })
         if (what.write) openWrites++
-        return { seq, ack: wait }
+        return { seq, ack }
       }
       /** An answered Write frees its place among the `MAX_OPEN_WRITES`. */
       const answered = (p: Pending | undefined) => {
@@ -517,7 +526,7 @@ export const openLink = (
             encodeClientMessage(new Write({ ch, seq, path: source.path, size: source.size, mode: source.mode, mtime: source.mtime }))
           )
           let sent = 0
-          const abort = Effect.suspend(() => Effect.zipRight(frame(encodeClientMessage(new Abort({ ch, seq }))), Effect.ignore(ack)))
+          const abort = Effect.suspend(() => Effect.zipRight(frame(encodeClientMessage(new Abort({ ch, seq }))), Effect.ignore(ack.wait)))
           yield* source
             .read((chunk) =>
               Effect.gen(function* () {
@@ -622,7 +631,7 @@ export const openLink = (
         const entries: Array<ManifestEntry> = []
         const { ack, seq } = register(".", { entries })
         yield* frame(encodeClientMessage(new ListManifest({ ch, seq })))
-        yield* ack
+        yield* ack.wait
         return entries
       })
 
@@ -717,7 +726,6 @@ export const makeMemory = () => {
   const open = (dest: ResolvedDestination) =>
     Effect.sync((): Session => {
       const tree = treeOf(dest.name)
-      const acked: Ack = Effect.void
       return {
         root: dest.destinationLocation,
         send: (op) =>

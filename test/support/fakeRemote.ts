@@ -8,7 +8,7 @@ import { ConnectError } from "../../src/services/DaemonLocator.js"
 import { none } from "../../src/services/Excludes.js"
 import * as Progress from "../../src/services/Progress.js"
 import * as Status from "../../src/services/Status.js"
-import { ConnectionLost, OperationFailed, RemoteConnection, type Session } from "../../src/services/RemoteConnection.js"
+import { type Ack, ConnectionLost, OperationFailed, RemoteConnection, type Session } from "../../src/services/RemoteConnection.js"
 
 /**
  * A remote that records what reaches each destination. A destination can be offline (open fails),
@@ -29,14 +29,17 @@ export const fakeRemote = Effect.gen(function* () {
     return code === undefined ? undefined : new OperationFailed({ dest: d, path: p, code, message: `refused (${code})` })
   }
   const record = (d: string, entry: string) => applied.set(d, [...(applied.get(d) ?? []), entry])
-  const ackFor = (d: string, closed: Deferred.Deferred<ConnectionLost>, p: string) =>
-    Effect.gen(function* () {
+  /** Answered when waited for (held back while the destination is held): never `done` before that. */
+  const ackFor = (d: string, closed: Deferred.Deferred<ConnectionLost>, p: string): Ack => ({
+    wait: Effect.gen(function* () {
       const refused = refusal(d, p)
       if (refused !== undefined) return yield* refused
       const gate = held.get(d)
       if (gate !== undefined) yield* Deferred.await(gate)
       if (yield* Deferred.isDone(closed)) return yield* Effect.flatMap(Deferred.await(closed), Effect.fail)
-    })
+    }),
+    done: () => false
+  })
 
   const layer = Layer.succeed(
     RemoteConnection,
