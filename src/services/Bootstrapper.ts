@@ -253,18 +253,57 @@ const corkEachTick = (sock: net.Socket | undefined) => {
   }) as typeof sock.write
 }
 
+type WriteCallback = (error?: Error | null) => void
+type ChannelWrite = (data: Buffer, encoding: string, cb: WriteCallback) => void
+
+/** The largest SSH packet payload the server takes on this channel (OpenSSH: 32 KiB). */
+const packetSizeOf = (channel: ClientChannel) =>
+  (channel as unknown as { outgoing?: { packetSize?: number } }).outgoing?.packetSize ?? 32 * 1024
+
+/**
+ * The chunks written while the socket was corked, as the writes to make on the channel: small ones
+ * joined, each run of them topped up to a full packet with the head of the large chunk after it; the
+ * rest of a large chunk as it is (ssh2 cuts it into packets, copying each once anyway).
+ */
+export const joinSmallWrites = (chunks: ReadonlyArray<Buffer>, packetSize: number): Array<Buffer> => {
+  const writes: Array<Buffer> = []
+  let run: Array<Buffer> = []
+  let runBytes = 0
+  const endRun = (head?: Buffer) => {
+    if (head !== undefined) run.push(head)
+    if (run.length > 0) writes.push(run.length === 1 ? run[0]! : Buffer.concat(run))
+    run = []
+    runBytes = 0
+  }
+  for (const chunk of chunks) {
+    if (chunk.byteLength < packetSize) {
+      run.push(chunk)
+      runBytes += chunk.byteLength
+      if (runBytes >= packetSize) endRun()
+      continue
+    }
+    const head = run.length > 0 ? packetSize - runBytes : 0
+    endRun(head > 0 ? chunk.subarray(0, head) : undefined)
+    writes.push(head > 0 ? chunk.subarray(head) : chunk)
+  }
+  endRun()
+  return writes
+}
+
 /** What `http`/`ws` expect of a socket, on an SSH channel (as ssh2's own HTTP agent does). */
-const asSocket = (channel: ClientChannel): Duplex =>
-  Object.assign(channel, {
+const asSocket = (channel: ClientChannel): Duplex => {
+  const write = (channel as unknown as { _write: ChannelWrite })._write.bind(channel)
+  return Object.assign(channel, {
     // ssh2 sends each write as an SSH packet of its own (random padding, a cipher and a syscall each):
-    // the frames written while the socket is corked go out joined, cut into full-size packets. A big
+    // the small frames written while the socket is corked go out joined, in full-size packets. A big
     // sync of small files over SSH spent more client CPU on packets than on everything else.
-    _writev: (chunks: ReadonlyArray<{ readonly chunk: Buffer }>, callback: (error?: Error | null) => void) =>
-      (channel as unknown as { _write: (data: Buffer, encoding: string, cb: typeof callback) => void })._write(
-        chunks.length === 1 ? chunks[0]!.chunk : Buffer.concat(chunks.map((c) => c.chunk)),
-        "buffer",
-        callback
-      ),
+    _writev: (chunks: ReadonlyArray<{ readonly chunk: Buffer }>, callback: WriteCallback) => {
+      const writes = joinSmallWrites(chunks.map((c) => c.chunk), packetSizeOf(channel))
+      // ssh2 calls back at once, or once the channel's window has room for the rest of the write.
+      const next = (i: number): void =>
+        i === writes.length ? callback() : write(writes[i]!, "buffer", (error) => (error ? callback(error) : next(i + 1)))
+      next(0)
+    },
     setKeepAlive: noop,
     setNoDelay: noop,
     setTimeout: noop,
@@ -272,6 +311,7 @@ const asSocket = (channel: ClientChannel): Duplex =>
     unref: noop,
     destroySoon: () => channel.destroy()
   })
+}
 
 export const make = (options: BootstrapperOptions) =>
   Effect.gen(function* () {
