@@ -6,6 +6,7 @@
 import * as ValidationError from "@effect/cli/ValidationError"
 import * as NodeContext from "@effect/platform-node/NodeContext"
 import * as NodeRuntime from "@effect/platform-node/NodeRuntime"
+import { defaultTeardown, type Teardown } from "@effect/platform/Runtime"
 import { Cause, Effect, Layer, Logger, LogLevel, Option } from "effect"
 import { cli } from "../programs/cli.js"
 import * as Bootstrapper from "../services/Bootstrapper.js"
@@ -57,10 +58,29 @@ const report = (cause: Cause.Cause<unknown>) =>
     process.stderr.write(`error: ${Cause.pretty(cause)}\n`)
   })
 
+/**
+ * Exits as soon as the program is done and its output written: left to itself, Node would first wait
+ * for the SSH socket to close and then free the whole heap (~30 ms after a no-change sync of 20,000
+ * files, more after a big one).
+ */
+const exitWhenDone: Teardown = (exit, onExit) =>
+  defaultTeardown(exit, (code) => {
+    let pending = 2
+    const done = () => {
+      if (--pending === 0) process.exit(code)
+    }
+    // An empty write calls back once everything written before it is out (or the stream is gone).
+    for (const stream of [process.stdout, process.stderr]) {
+      if (stream.destroyed || !stream.writable) done()
+      else stream.write("", done)
+    }
+    onExit(code)
+  })
+
 cli(process.argv).pipe(
   Effect.tapErrorCause(report),
   Effect.provide(MainLive),
   Logger.withMinimumLogLevel(LogLevel.Info),
   // No pretty logger: it would print every warning a second time, on stdout (breaking `info --json`).
-  NodeRuntime.runMain({ disableErrorReporting: true, disablePrettyLogger: true })
+  NodeRuntime.runMain({ disableErrorReporting: true, disablePrettyLogger: true, teardown: exitWhenDone })
 )
