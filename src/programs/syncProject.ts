@@ -89,13 +89,14 @@ abstract class LocalFile {
   readonly size: number
   readonly mode: number
   readonly mtime: number
-  constructor(protected readonly abs: string, readonly path: string, protected readonly stats: Stats) {
+  // The numbers only, not the Stats (and its four Dates): a big sync keeps each file until its ack.
+  constructor(protected readonly abs: string, readonly path: string, stats: Stats) {
     this.size = stats.size
     this.mode = stats.mode & 0o7777
     this.mtime = stats.mtimeMs
   }
   protected changed(now: Stats) {
-    return now.size !== this.stats.size || now.mtimeMs !== this.stats.mtimeMs
+    return now.size !== this.size || now.mtimeMs !== this.mtime
   }
   protected unreadable(e: unknown) {
     const code = (e as NodeJS.ErrnoException).code
