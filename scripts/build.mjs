@@ -28,8 +28,9 @@ const common = {
   legalComments: "none",
   // Prefer ESM builds: jsonc-parser's UMD main cannot be bundled.
   mainFields: ["module", "main"],
-  minify: true,
-  keepNames: true
+  // No keepNames: Effect names errors by their tags, and keeping every function's name cost a
+  // defineProperty per closure made (start-up 0.41 -> 0.39 s, 7 % of the bundle).
+  minify: true
 }
 
 // The CLI: a CommonJS bundle, embedded in src/bin/launcher.mjs, which compiles it with V8's code cache.
