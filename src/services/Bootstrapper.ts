@@ -261,30 +261,35 @@ const packetSizeOf = (channel: ClientChannel) =>
   (channel as unknown as { outgoing?: { packetSize?: number } }).outgoing?.packetSize ?? 32 * 1024
 
 /**
- * The chunks written while the socket was corked, as the writes to make on the channel: small ones
- * joined, each run of them topped up to a full packet with the head of the large chunk after it; the
- * rest of a large chunk as it is (ssh2 cuts it into packets, copying each once anyway).
+ * The chunks written while the socket was corked, as the writes to make on the channel, every one
+ * a whole number of full packets but the last: small chunks are joined (cut where a packet ends), a
+ * large one goes on as a view of itself, its head topping up the packet before it and its tail
+ * starting the next (ssh2 cuts a write into packets, copying each once anyway).
  */
 export const joinSmallWrites = (chunks: ReadonlyArray<Buffer>, packetSize: number): Array<Buffer> => {
   const writes: Array<Buffer> = []
   let run: Array<Buffer> = []
   let runBytes = 0
-  const endRun = (head?: Buffer) => {
-    if (head !== undefined) run.push(head)
+  const endRun = () => {
     if (run.length > 0) writes.push(run.length === 1 ? run[0]! : Buffer.concat(run))
     run = []
     runBytes = 0
   }
-  for (const chunk of chunks) {
-    if (chunk.byteLength < packetSize) {
-      run.push(chunk)
-      runBytes += chunk.byteLength
-      if (runBytes >= packetSize) endRun()
-      continue
+  const add = (piece: Buffer) => {
+    if (piece.byteLength === 0) return
+    run.push(piece)
+    runBytes += piece.byteLength
+  }
+  for (let chunk of chunks) {
+    if (runBytes > 0 && runBytes + chunk.byteLength >= packetSize) {
+      const head = packetSize - runBytes
+      add(chunk.subarray(0, head))
+      endRun()
+      chunk = chunk.subarray(head)
     }
-    const head = run.length > 0 ? packetSize - runBytes : 0
-    endRun(head > 0 ? chunk.subarray(0, head) : undefined)
-    writes.push(head > 0 ? chunk.subarray(head) : chunk)
+    const whole = chunk.byteLength - (chunk.byteLength % packetSize)
+    if (whole > 0) writes.push(whole === chunk.byteLength ? chunk : chunk.subarray(0, whole))
+    add(chunk.subarray(whole))
   }
   endRun()
   return writes
