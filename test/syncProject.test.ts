@@ -1,5 +1,5 @@
 import { describe, expect, it } from "@effect/vitest"
-import { Deferred, Duration, Effect, Exit, Fiber, Layer, Random, Schedule, Scope, TestClock } from "effect"
+import { Deferred, Duration, Effect, Exit, Fiber, Layer, Logger, Random, Schedule, Scope, TestClock } from "effect"
 import * as fs from "node:fs"
 import * as path from "node:path"
 import {
@@ -328,6 +328,30 @@ describe("reconciliation in the worker", () => {
       expect(heldAtAdvance[0]).toBeLessThan(40)
       // in order, each after its own operation
       expect(heldAtAdvance.every((held, i) => held >= i + 1)).toBe(true)
+    })
+  )
+
+  it.live("names each change up to 25, else the first 20 and how many more", () =>
+    Effect.gen(function* () {
+      const linesFor = (files: number) =>
+        Effect.gen(function* () {
+          const root = tmpRoot()
+          for (let i = 0; i < files; i++) fs.writeFileSync(path.join(root, `f${String(i).padStart(2, "0")}`), "x")
+          const lines: Array<string> = []
+          const logger = Logger.make(({ message }) => {
+            const text = Array.isArray(message) ? message.join(" ") : String(message)
+            if (text.startsWith(">")) lines.push(text)
+          })
+          yield* makeDestinationWorker(project(root, "one"), dest("one"), none, fast, "once").pipe(
+            Effect.flatMap((w) => w.run),
+            Effect.provide(Layer.mergeAll(makeMemory().layer, Progress.layerNone, Status.layerNone)),
+            Effect.provide(Logger.replace(Logger.defaultLogger, logger))
+          )
+          return lines
+        })
+      const names = (n: number) => Array.from({ length: n }, (_, i) => `> change f${String(i).padStart(2, "0")}`)
+      expect(yield* linesFor(25)).toEqual(names(25))
+      expect(yield* linesFor(26)).toEqual([...names(20), "> … and 6 more"])
     })
   )
 

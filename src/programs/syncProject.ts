@@ -407,13 +407,15 @@ export const makeDestinationWorker = (
         let head = 0
         let settled = 0
         let shown = 0
-        const showAll = ordered.length <= 25
+        // Lines 21 to 25 wait for the end: shown if the batch had no more, else summed up.
+        const held: Array<string> = []
         const bar = reconciling?.bar
         // A drawn progress bar stands in for the per-file lines (they would tear it).
         const quiet = bar?.drawn === true
         const settleOldest = Effect.gen(function* () {
           const { ack, kind, plan } = inFlight[head]!
           inFlight[head++] = undefined
+          if (head === inFlight.length) inFlight.length = head = 0
           settled++
           const result = yield* Effect.either(ack.wait)
           if (result._tag === "Left" && result.left._tag === "ConnectionLost") return yield* result.left
@@ -434,9 +436,11 @@ export const makeDestinationWorker = (
           if (result._tag === "Left") {
             failures++
             yield* Effect.logError(`${verb[plan.kind]} ${plan.path} failed: ${result.left.message}`)
-          } else if (!quiet && (shown < 20 || showAll)) {
+          } else if (!quiet && shown < 20) {
             shown++
             yield* Effect.log(`> ${verb[plan.kind]} ${plan.path}`)
+          } else if (!quiet && held.length < 5) {
+            held.push(`> ${verb[plan.kind]} ${plan.path}`)
           }
         })
         yield* Effect.gen(function* () {
@@ -468,7 +472,8 @@ export const makeDestinationWorker = (
             while (head < inFlight.length && (inFlight[head]!.ack.done() || inFlight.length - head > MAX_UNSETTLED)) yield* settleOldest
           }
           while (head < inFlight.length) yield* settleOldest
-          if (!quiet && !showAll && settled > shown) yield* Effect.log(`> … and ${settled - shown} more`)
+          if (settled <= 25) for (const line of held) yield* Effect.log(line)
+          else if (!quiet) yield* Effect.log(`> … and ${settled - shown} more`)
         }).pipe(Effect.onExit(() => restore(unapplied)))
       })
 
