@@ -24,7 +24,14 @@ export interface SnapshotOptions {
 export const snapshot = (root: string, options: SnapshotOptions = {}): Map<string, Entry & { mtime?: number }> => {
   const out = new Map<string, Entry & { mtime?: number }>()
   const walk = (dir: string) => {
-    for (const name of fs.readdirSync(dir).sort()) {
+    let names: Array<string>
+    try {
+      names = fs.readdirSync(dir).sort()
+    } catch (e) {
+      if (dir !== root && (e as NodeJS.ErrnoException).code === "ENOENT") return // vanished since the lstat
+      throw e
+    }
+    for (const name of names) {
       const abs = path.join(dir, name)
       const rel = path.relative(root, abs).split(path.sep).join("/")
       if (options.skip?.(rel)) continue
@@ -32,8 +39,15 @@ export const snapshot = (root: string, options: SnapshotOptions = {}): Map<strin
       // snapshot sees the settled state.
       const st = fs.lstatSync(abs, { throwIfNoEntry: false })
       if (st === undefined) continue
-      if (st.isSymbolicLink()) out.set(rel, { type: "symlink", size: 0, mode: 0, target: fs.readlinkSync(abs) })
-      else if (st.isDirectory()) {
+      if (st.isSymbolicLink()) {
+        let target: string
+        try {
+          target = fs.readlinkSync(abs)
+        } catch {
+          continue // vanished since the lstat
+        }
+        out.set(rel, { type: "symlink", size: 0, mode: 0, target })
+      } else if (st.isDirectory()) {
         out.set(rel, { type: "dir", size: 0, mode: st.mode & 0o7777 })
         walk(abs)
       } else {
