@@ -190,12 +190,46 @@ const fchmod = (fd: number, mode: number) => cb<void>((done) => fs.fchmod(fd, mo
 const futimes = (fd: number, seconds: number) => cb<void>((done) => fs.futimes(fd, seconds, seconds, done))
 const renameP = (from: string, to: string) => cb<void>((done) => fs.rename(from, to, done))
 const unlinkP = (p: string) => cb<void>((done) => fs.unlink(p, done))
-const mkdirP = (p: string, mode: number) => cb<void>((done) => fs.mkdir(p, { mode }, (err) => done(err)))
 const lstatP = (p: string) => cb<fs.Stats>((done) => fs.lstat(p, done))
 
 /** lstat, `undefined` when missing. */
 const lstatOrUndefined = (p: string): Promise<fs.Stats | undefined> =>
   lstatP(p).catch((e) => (errnoCode(e) === "ENOENT" ? undefined : Promise.reject(e)))
+
+/**
+ * A synchronous call, its failure naming the call and the path. Directory metadata calls on the hot
+ * path (lstat, mkdir, utimes of parents and new directories: ~6,000 in a 20,000-file initial sync)
+ * are synchronous: microseconds in the kernel, where each asynchronous one cost the daemon's main
+ * thread a thread-pool round trip (20–100 µs here, where waking a pool thread is a hypercall).
+ */
+const syncStep = <A>(op: string, p: string, f: () => A): A => {
+  try {
+    return f()
+  } catch (cause) {
+    throw ioError(op, p, cause)
+  }
+}
+
+/** lstat, `undefined` when missing (synchronous). */
+const lstatSyncOrUndefined = (p: string): fs.Stats | undefined => {
+  try {
+    return fs.lstatSync(p)
+  } catch (e) {
+    if (errnoCode(e) === "ENOENT") return undefined
+    throw e
+  }
+}
+
+/** mkdir(2): `true` when made, `false` when something is there already (synchronous). */
+const mkdirSyncIfAbsent = (p: string, mode: number): boolean => {
+  try {
+    fs.mkdirSync(p, { mode })
+    return true
+  } catch (e) {
+    if (errnoCode(e) === "EEXIST") return false
+    throw e
+  }
+}
 
 const ignoreMissing = <A>(p: Promise<A>): Promise<A | undefined> =>
   p.catch((e) => (errnoCode(e) === "ENOENT" ? undefined : Promise.reject(e)))
@@ -330,18 +364,11 @@ export const make = (options: { readonly home: string }): DestinationFsApi => {
     if (last <= 0) return root
     const whole = last === 1 ? root + "/" + segments[0] : root + "/" + segments.slice(0, last).join("/")
     if (isVerified(whole)) return whole
-    // The files of one directory are written side by side: one walk serves them all.
-    const key = create ? whole + "\0c" : whole
-    const running = walking.get(key)
-    // a failure is met again on this path's own walk, so that its error names this path
-    if (running !== undefined) return running.catch(() => walkParent(root, rel, segments, create))
-    const walk = walkParent(root, rel, segments, create).finally(() => walking.delete(key))
-    walking.set(key, walk)
-    return walk
+    return walkParent(root, rel, segments, create)
   }
-  const walking = new Map<string, Promise<string | undefined>>()
 
-  const walkParent: ParentWalk = async (root, rel, segments, create) => {
+  // Synchronous (see `syncStep`), so two walks never interleave: no result stored by one can be stale for another.
+  const walkParent = (root: string, rel: string, segments: ReadonlyArray<string>, create: boolean): string | undefined => {
     const last = segments.length - 1
     const gen = generation
     let current = root
@@ -353,30 +380,25 @@ export const make = (options: { readonly home: string }): DestinationFsApi => {
         current = next
         continue
       }
-      let st = await step("lstat", next, lstatOrUndefined(next))
+      let st = syncStep("lstat", next, () => lstatSyncOrUndefined(next))
       if (st === undefined) {
         if (!create) return undefined
-        const made = await step(
-          "mkdir",
-          next,
-          mkdirP(next, 0o777).then(() => true, (e) => (errnoCode(e) === "EEXIST" ? false : Promise.reject(e)))
-        )
-        if (made) {
+        if (syncStep("mkdir", next, () => mkdirSyncIfAbsent(next, 0o777))) {
           current = next
           if (plain) remember(next, gen)
           continue
         }
         // something appeared meanwhile: judge it like any other component
-        st = await step("lstat", next, lstatOrUndefined(next))
+        st = syncStep("lstat", next, () => lstatSyncOrUndefined(next))
         if (st === undefined) throw ioError("mkdir", next, new Error("parent directory changed while it was created"))
       }
       if (st.isDirectory()) {
         current = next
         if (plain) remember(next, gen)
       } else if (st.isSymbolicLink()) {
-        const real = await step("realpath", next, fs.promises.realpath(next))
+        const real = syncStep("realpath", next, () => fs.realpathSync(next))
         if (!isInside(real, root)) throw confinementError(root, rel, "symlink-escape")
-        const target = await step("stat", real, fs.promises.stat(real))
+        const target = syncStep("stat", real, () => fs.statSync(real))
         if (!target.isDirectory()) throw notADirectory("stat", next)
         current = real
         plain = false
@@ -503,26 +525,19 @@ export const make = (options: { readonly home: string }): DestinationFsApi => {
     mode: number,
     mtimeMs: number
   ): void => {
-    const call = <A>(op: string, p: string, f: () => A): A => {
-      try {
-        return f()
-      } catch (e) {
-        throw ioError(op, p, e)
-      }
-    }
-    const fd = call("open", tempPath, () => fs.openSync(tempPath, O_TEMP, createdWith))
+    const fd = syncStep("open", tempPath, () => fs.openSync(tempPath, O_TEMP, createdWith))
     let open = true
     try {
       for (const chunk of chunks) {
         for (let done = 0; done < chunk.byteLength;) {
-          done += call("write", tempPath, () => fs.writeSync(fd, chunk, done, chunk.byteLength - done))
+          done += syncStep("write", tempPath, () => fs.writeSync(fd, chunk, done, chunk.byteLength - done))
         }
       }
-      if (createdWith !== mode || needsChmod(root, mode)) call("chmod", tempPath, () => fs.fchmodSync(fd, mode))
+      if (createdWith !== mode || needsChmod(root, mode)) syncStep("chmod", tempPath, () => fs.fchmodSync(fd, mode))
       const seconds = toSeconds(mtimeMs)
-      call("utimes", tempPath, () => fs.futimesSync(fd, seconds, seconds))
+      syncStep("utimes", tempPath, () => fs.futimesSync(fd, seconds, seconds))
       open = false
-      call("close", tempPath, () => fs.closeSync(fd))
+      syncStep("close", tempPath, () => fs.closeSync(fd))
     } catch (e) {
       if (open) fs.close(fd, noop)
       fs.unlink(tempPath, noop)
@@ -609,16 +624,12 @@ export const make = (options: { readonly home: string }): DestinationFsApi => {
       const gen = generation
       const parent = (await resolveParent(root, rel, segments, true))!
       const target = parent + "/" + segments[segments.length - 1]!
-      const create = () =>
-        mkdirP(target, mode & 0o777).then(() => true, (e) => {
-          if (errnoCode(e) !== "EEXIST") throw ioError("mkdir", target, e)
-          return false
-        })
+      const create = () => syncStep("mkdir", target, () => mkdirSyncIfAbsent(target, mode & 0o777))
       /** Its mode is exactly `mode` already: created just now by mkdir(2) with all of it, or found that way. */
-      const created = await create()
+      const created = create()
       let exact = created && !needsChmod(root, mode)
       if (!created) {
-        const st = await step("lstat", target, lstatOrUndefined(target))
+        const st = syncStep("lstat", target, () => lstatSyncOrUndefined(target))
         if (st?.isDirectory()) {
           exact = (st.mode & 0o7777) === mode
         } else {
@@ -626,7 +637,7 @@ export const make = (options: { readonly home: string }): DestinationFsApi => {
             await removeAny(target)
             invalidate() // a file or a symlink is a directory now
           }
-          if (!(await create())) throw ioError("mkdir", target, new Error("something else appeared while the directory was created"))
+          if (!create()) throw ioError("mkdir", target, new Error("something else appeared while the directory was created"))
           exact = !needsChmod(root, mode)
         }
       }
@@ -634,7 +645,7 @@ export const make = (options: { readonly home: string }): DestinationFsApi => {
       remember(target, gen)
       if (exact) {
         // lutimes never follows a symlink swapped in meanwhile
-        if (mtimeMs !== undefined) await step("utimes", target, fsp.lutimes(target, toSeconds(mtimeMs), toSeconds(mtimeMs)))
+        if (mtimeMs !== undefined) syncStep("utimes", target, () => fs.lutimesSync(target, toSeconds(mtimeMs), toSeconds(mtimeMs)))
         return
       }
       // O_NOFOLLOW | O_DIRECTORY: never chmod/utimes through a symlink swapped in meanwhile
