@@ -199,8 +199,10 @@ const lstatOrUndefined = (p: string): Promise<fs.Stats | undefined> =>
 /**
  * A synchronous call, its failure naming the call and the path. Directory metadata calls on the hot
  * path (lstat, mkdir, utimes of parents and new directories: ~6,000 in a 20,000-file initial sync)
- * are synchronous: microseconds in the kernel, where each asynchronous one cost the daemon's main
- * thread a thread-pool round trip (20–100 µs here, where waking a pool thread is a hypercall).
+ * are synchronous: a few microseconds each, where an asynchronous one costs the main thread a
+ * thread-pool round trip (lstat measured 4–8 µs of main-thread CPU synchronously, 20–24 µs
+ * asynchronously; waking a pool thread is a hypercall on this VM). A new daemon paid the most: its
+ * first initial sync went from 5.3–5.7 s to 4.9–5.2 s.
  */
 const syncStep = <A>(op: string, p: string, f: () => A): A => {
   try {
