@@ -9,6 +9,7 @@ import {
   makeScanner,
   MAX_UNSETTLED,
   reconnectSchedule,
+  seenFile,
   type SyncOptions,
   type WorkerMode
 } from "../src/programs/syncProject.js"
@@ -226,6 +227,41 @@ describe("reconciliation in the worker", () => {
     })
   )
 
+  it.live("a file planned from the scan is sent as it is when sent, whatever it became since", () =>
+    Effect.gen(function* () {
+      const root = tmpRoot()
+      const at = (name: string) => path.join(root, name)
+      for (const name of ["same", "grown", "chmod", "to-dir", "to-link", "gone"]) fs.writeFileSync(at(name), "abc", { mode: 0o644 })
+      // the link's target looks exactly like the file it replaces: only its type tells them apart
+      fs.writeFileSync(at("target"), "xyz", { mode: 0o644 })
+      for (const name of ["to-link", "target"]) fs.utimesSync(at(name), 1_700_000_000, 1_700_000_000)
+      const remote = yield* fakeRemote
+      remote.manifests.set("one", [])
+      const p = project(root, "one")
+      const scanner = yield* makeScanner(p, none)
+      // the scan that the reconciliation reuses, taken before the changes
+      yield* scanner.scan(0)
+      fs.appendFileSync(at("grown"), "+")
+      fs.chmodSync(at("chmod"), 0o600)
+      fs.rmSync(at("to-dir"))
+      fs.mkdirSync(at("to-dir"))
+      fs.rmSync(at("to-link"))
+      fs.symlinkSync("target", at("to-link"))
+      fs.rmSync(at("gone"))
+      yield* makeWorker(p, dest("one"), none, scanner, fast, "once").pipe(Effect.flatMap((w) => w.run), Effect.provide(remote.layer))
+      expect([...remote.applied.get("one")!].sort()).toEqual([
+        "Mkdir to-dir",
+        "Remove gone",
+        "Symlink to-link",
+        "Write chmod abc",
+        "Write grown abc+",
+        "Write same abc",
+        "Write target xyz"
+      ])
+      expect(remote.modes.get("one chmod")).toBe(0o600)
+    })
+  )
+
   it.live("--no-delete keeps remote extras; dry-run sends nothing", () =>
     Effect.gen(function* () {
       const root = tmpRoot()
@@ -399,7 +435,7 @@ describe("fileSource", () => {
   const readAll = (abs: string, stats: fs.Stats) =>
     Effect.gen(function* () {
       const parts: Array<Uint8Array> = []
-      yield* fileSource(abs, "f", stats).read((chunk) => Effect.sync(() => void parts.push(chunk)))
+      yield* fileSource(abs, "f", seenFile(stats), false).read((chunk) => Effect.sync(() => void parts.push(chunk)))
       return Buffer.concat(parts)
     })
 

@@ -20,6 +20,8 @@ export const fakeRemote = Effect.gen(function* () {
   const sessions = new Map<string, Deferred.Deferred<ConnectionLost>>()
   const held = new Map<string, Deferred.Deferred<void>>()
   const opens = new Map<string, number>()
+  /** `dest path` → the mode of the last Write of it. */
+  const modes = new Map<string, number>()
   /** What a destination lists; by default exactly the local tree at that moment (already in sync). */
   const manifests = new Map<string, ReadonlyArray<ManifestEntry>>()
   /** `dest path` → how the daemon answers the next operations on it (one answer each, then acks). */
@@ -63,6 +65,7 @@ export const fakeRemote = Effect.gen(function* () {
                 const parts: Array<Uint8Array> = []
                 yield* source.read((chunk) => Effect.sync(() => void parts.push(chunk)))
                 record(d.name, `Write ${source.path} ${Buffer.concat(parts).toString()}`)
+                modes.set(`${d.name} ${source.path}`, source.mode)
                 return ackFor(d.name, closed, source.path)
               }),
             manifest: Effect.suspend(() => {
@@ -79,5 +82,5 @@ export const fakeRemote = Effect.gen(function* () {
         })
     })
   )
-  return { applied, offline, sessions, held, opens, manifests, refuse, layer: Layer.mergeAll(layer, Progress.layerNone, Status.layerNone) }
+  return { applied, offline, sessions, held, opens, modes, manifests, refuse, layer: Layer.mergeAll(layer, Progress.layerNone, Status.layerNone) }
 })
