@@ -167,31 +167,35 @@ describe("batched small files", () => {
   it("more bytes than the credit window: the filled batch leaves first, then it waits for credit, never over the window", async () => {
     // Credit only for bytes received, as the daemon gives it: a client waiting on credit with its
     // batch unsent would wait forever. And only once the client can send no more, having filled the
-    // window (or sent everything): a client that stopped short of it would wait forever too. (Not
-    // on a timer: a loaded machine sends more slowly than any delay chosen for it.)
+    // window (or sent everything), and a moment later: a client that stopped short of the window
+    // would wait forever, and one that ignored it would have gone past it by then. (Not on a timer
+    // alone: a loaded machine sends more slowly than any delay chosen for it.)
     const fileBytes = 250 * 1024
     const files = Array.from({ length: 48 }, (_, i) => small(`f${i}`, Buffer.alloc(fileBytes, i)))
     let inFlight = 0
     let maxInFlight = 0
-    let outstanding = 0
     let sent = 0
+    let releasing = false
     const held: Array<() => void> = []
     const answer: Answer = (m, reply) => {
       if (m._tag !== "WriteBatch") return
       const bytes = m.files.reduce((n: number, f: { size: number }) => n + f.size, 0)
-      outstanding += bytes
-      sent += bytes
       held.push(() => {
         inFlight -= bytes
-        outstanding -= bytes
         reply({ _tag: "Credit", ch: m.ch, bytes })
         reply({ _tag: "Ack", ch: m.ch, seq: m.seq, count: m.files.length })
       })
-      if (outstanding + fileBytes > WINDOW_BYTES || sent === files.length * fileBytes) for (const release of held.splice(0)) release()
     }
     const onBytes = (bytes: number) => {
       inFlight += bytes
+      sent += bytes
       maxInFlight = Math.max(maxInFlight, inFlight)
+      if (releasing || (inFlight + fileBytes <= WINDOW_BYTES && sent < files.length * fileBytes)) return
+      releasing = true
+      setTimeout(() => {
+        releasing = false
+        for (const release of held.splice(0)) release()
+      }, 20)
     }
     const { received } = await withSession(
       answer,

@@ -1,5 +1,6 @@
 import { describe, expect, it } from "@effect/vitest"
 import { Deferred, Duration, Effect, Exit, Fiber, Layer, Logger, Random, Schedule, Scope, TestClock } from "effect"
+import { execFileSync } from "node:child_process"
 import * as fs from "node:fs"
 import * as path from "node:path"
 import {
@@ -231,9 +232,11 @@ describe("reconciliation in the worker", () => {
     Effect.gen(function* () {
       const root = tmpRoot()
       const at = (name: string) => path.join(root, name)
-      for (const name of ["same", "grown", "chmod", "to-dir", "to-link", "gone"]) fs.writeFileSync(at(name), "abc", { mode: 0o644 })
+      for (const name of ["same", "grown", "chmod", "to-dir", "to-link", "to-fifo", "gone", "target"]) {
+        fs.writeFileSync(at(name), name === "target" ? "xyz" : "abc")
+        fs.chmodSync(at(name), 0o644) // whatever the umask
+      }
       // the link's target looks exactly like the file it replaces: only its type tells them apart
-      fs.writeFileSync(at("target"), "xyz", { mode: 0o644 })
       for (const name of ["to-link", "target"]) fs.utimesSync(at(name), 1_700_000_000, 1_700_000_000)
       const remote = yield* fakeRemote
       remote.manifests.set("one", [])
@@ -247,6 +250,8 @@ describe("reconciliation in the worker", () => {
       fs.mkdirSync(at("to-dir"))
       fs.rmSync(at("to-link"))
       fs.symlinkSync("target", at("to-link"))
+      fs.rmSync(at("to-fifo"))
+      execFileSync("mkfifo", [at("to-fifo")]) // opening it to read would wait for a writer
       fs.rmSync(at("gone"))
       yield* makeWorker(p, dest("one"), none, scanner, fast, "once").pipe(Effect.flatMap((w) => w.run), Effect.provide(remote.layer))
       expect([...remote.applied.get("one")!].sort()).toEqual([

@@ -97,6 +97,13 @@ export const seenFile = (stats: Stats): SeenFile => ({ size: stats.size, mtime: 
 export const fileSource = (abs: string, rel: string, seen: SeenFile, follow: boolean): FileSource =>
   seen.size <= SMALL_FILE_BYTES ? new SmallFile(abs, rel, seen, follow) : new LargeFile(abs, rel, seen, follow)
 
+/**
+ * Errors that say the path is gone or no longer a regular file: a directory (EISDIR on read), a
+ * symbolic link (ELOOP on open with O_NOFOLLOW; EMLINK on FreeBSD, EFTYPE on NetBSD), a fifo or a
+ * device (EAGAIN on read), a socket (ENXIO on open). The path is planned again.
+ */
+const NOT_THE_FILE = new Set(["ENOENT", "ENOTDIR", "EISDIR", "ELOOP", "EMLINK", "EFTYPE", "EAGAIN", "ENXIO"])
+
 abstract class LocalFile {
   readonly size: number
   readonly mode: number
@@ -107,15 +114,16 @@ abstract class LocalFile {
     this.size = seen.size
     this.mode = seen.mode
     this.mtime = seen.mtime
-    this.flags = follow ? fsSync.constants.O_RDONLY : fsSync.constants.O_RDONLY | fsSync.constants.O_NOFOLLOW
+    // O_NONBLOCK: a fifo put where the file was must not block the open (it reads as changed).
+    const { O_RDONLY, O_NOFOLLOW, O_NONBLOCK } = fsSync.constants
+    this.flags = O_RDONLY | O_NONBLOCK | (follow ? 0 : O_NOFOLLOW)
   }
   protected changed(now: Stats) {
     return now.size !== this.size || now.mtimeMs !== this.mtime || (now.mode & 0o7777) !== this.mode || !now.isFile()
   }
   protected unreadable(e: unknown) {
     const code = (e as NodeJS.ErrnoException).code
-    // gone, or no longer a regular file: a directory (EISDIR on read), a symbolic link (ELOOP on open)
-    return code === "ENOENT" || code === "ENOTDIR" || code === "EISDIR" || code === "ELOOP"
+    return code !== undefined && NOT_THE_FILE.has(code)
       ? new SourceChanged({ path: this.path })
       : new SourceUnreadable({ path: this.path, message: (e as Error).message })
   }
