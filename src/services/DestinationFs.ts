@@ -398,7 +398,7 @@ export const make = (options: { readonly home: string }): DestinationFsApi => {
         current = next
         if (plain) remember(next, gen)
       } else if (st.isSymbolicLink()) {
-        const real = syncStep("realpath", next, () => fs.realpathSync(next))
+        const real = syncStep("realpath", next, () => fs.realpathSync.native(next))
         if (!isInside(real, root)) throw confinementError(root, rel, "symlink-escape")
         const target = syncStep("stat", real, () => fs.statSync(real))
         if (!target.isDirectory()) throw notADirectory("stat", next)
