@@ -104,6 +104,9 @@ export const fileSource = (abs: string, rel: string, seen: SeenFile, follow: boo
  */
 const NOT_THE_FILE = new Set(["ENOENT", "ENOTDIR", "EISDIR", "ELOOP", "EMLINK", "EFTYPE", "EAGAIN", "ENXIO"])
 
+/** O_NONBLOCK: a fifo put where the file was must not block the open (it reads as changed). */
+const READ_FLAGS = fsSync.constants.O_RDONLY | fsSync.constants.O_NONBLOCK
+
 abstract class LocalFile {
   readonly size: number
   readonly mode: number
@@ -114,9 +117,7 @@ abstract class LocalFile {
     this.size = seen.size
     this.mode = seen.mode
     this.mtime = seen.mtime
-    // O_NONBLOCK: a fifo put where the file was must not block the open (it reads as changed).
-    const { O_RDONLY, O_NOFOLLOW, O_NONBLOCK } = fsSync.constants
-    this.flags = O_RDONLY | O_NONBLOCK | (follow ? 0 : O_NOFOLLOW)
+    this.flags = follow ? READ_FLAGS : READ_FLAGS | fsSync.constants.O_NOFOLLOW
   }
   protected changed(now: Stats) {
     return now.size !== this.size || now.mtimeMs !== this.mtime || (now.mode & 0o7777) !== this.mode || !now.isFile()
