@@ -33,9 +33,31 @@ const common = {
   minify: true
 }
 
+/**
+ * ssh2 requires its optional native crypto addon from beside its own file, which is not there once
+ * bundled: that require gets src/services/ssh/nativeCrypto.ts instead, which takes the addon from the
+ * ssh2 package installed with sicksync when it is the version bundled (and throws otherwise, which
+ * ssh2 takes as no addon).
+ */
+const ssh2Version = JSON.parse(readFileSync(join(root, "node_modules/ssh2/package.json"), "utf8")).version
+const ssh2NativeCrypto = {
+  name: "ssh2-native-crypto",
+  setup(b) {
+    b.onResolve({ filter: /^\.\/crypto\/build\/Release\/sshcrypto\.node$/ }, () => ({ path: "sshcrypto", namespace: "ssh2-native-crypto" }))
+    b.onLoad({ filter: /.*/, namespace: "ssh2-native-crypto" }, () => ({
+      contents:
+        `const { loadSsh2Addon } = require(${JSON.stringify(join(root, "src/services/ssh/nativeCrypto.ts"))})\n` +
+        `module.exports = loadSsh2Addon((id) => require(id), ${JSON.stringify(ssh2Version)})\n`,
+      loader: "js",
+      resolveDir: root
+    }))
+  }
+}
+
 // The CLI: a CommonJS bundle, embedded in src/bin/launcher.mjs, which compiles it with V8's code cache.
 const program = await build({
   ...common,
+  plugins: [ssh2NativeCrypto],
   entryPoints: [join(root, "src/bin/sicksync.ts")],
   format: "cjs",
   write: false,

@@ -151,6 +151,10 @@ describe("a project with two ssh destinations on hosts with nothing installed", 
     client = startClient(world, project)
     for (const d of ["a", "b", "a2"]) await client.waitFor(new RegExp(`\\[${d}\\] connected`), 60_000)
     expect(count(client, /installing sicksync/)).toBe(2)
+    // The bundled ssh2 encrypts with the native addon of the ssh2 installed beside it, where npm built
+    // one (src/services/ssh/nativeCrypto.ts), and with node:crypto where it did not.
+    const addon = path.join(repoRoot, "node_modules/ssh2/lib/protocol/crypto/build/Release/sshcrypto.node")
+    expect(fs.readFileSync(`/proc/${client.child.pid}/maps`, "utf8").includes(addon)).toBe(fs.existsSync(addon))
     // One SSH connection per host, shared by both destinations on host 1.
     expect(world.hosts.map(logins)).toEqual([1, 1])
     for (const host of world.hosts) {
