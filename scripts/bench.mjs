@@ -85,6 +85,9 @@ process.on("SIGINT", () => {
   process.exit(130)
 })
 
+/** A tool the benchmark needs is not installed: said in one line, without a stack. */
+class MissingTool extends Error {}
+
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms))
 const percentile = (sorted, p) => sorted[Math.min(sorted.length - 1, Math.ceil((p / 100) * sorted.length) - 1)]
 const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]
@@ -173,7 +176,10 @@ const loadSshHarness = () => loadSupport("sshd")
  * `destination` is a sicksync destination there. Stopped (its sicksync daemon too) at cleanup.
  */
 const sshHost = async () => {
-  const { startSshd, prepareClientHome } = await loadSshHarness()
+  const { startSshd, prepareClientHome, SSHD } = await loadSshHarness()
+  for (const [what, found] of [[SSHD, fs.existsSync(SSHD)], ["rsync", spawnSync("rsync", ["--version"]).error === undefined]]) {
+    if (!found) throw new MissingTool(`${what} is missing: the SSH benchmarks need OpenSSH's server and rsync (apt-get install openssh-server rsync)`)
+  }
   const sshd = await startSshd({ dir: path.join(base, "host") })
   children.push({
     kill: () => {
@@ -739,6 +745,10 @@ try {
     console.error(`error: unknown benchmark "${mode}": expected latency, reconcile, independence or scale`)
     process.exitCode = 2
   }
+} catch (e) {
+  if (!(e instanceof MissingTool)) throw e
+  console.error(`error: ${e.message}`)
+  process.exitCode = 1
 } finally {
   cleanup()
 }
