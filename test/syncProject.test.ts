@@ -8,6 +8,7 @@ import {
   fileSource,
   makeDestinationWorker as makeWorker,
   makeScanner,
+  FAILURES_SHOWN,
   MAX_UNSETTLED,
   reconnectSchedule,
   seenFile,
@@ -393,6 +394,38 @@ describe("reconciliation in the worker", () => {
       const names = (n: number) => Array.from({ length: n }, (_, i) => `> change f${String(i).padStart(2, "0")}`)
       expect(yield* linesFor(25)).toEqual(names(25))
       expect(yield* linesFor(26)).toEqual([...names(20), "> … and 6 more"])
+    })
+  )
+
+  it.live(`names the first ${FAILURES_SHOWN} failures, counts the rest by cause, and does not call the result in sync`, () =>
+    Effect.gen(function* () {
+      const root = tmpRoot()
+      const name = (i: number) => `f${String(i).padStart(2, "0")}`
+      for (let i = 0; i <= FAILURES_SHOWN + 3; i++) fs.writeFileSync(path.join(root, name(i)), "x")
+      const remote = yield* fakeRemote
+      remote.manifests.set("one", [])
+      const full = (i: number) => ({ code: "io" as const, message: `write /d/.${name(i)}.tmp: ENOSPC: no space left on device, write` })
+      // f00 is written; f01 to f12 meet a full disk, f13 a permission error
+      for (let i = 1; i <= FAILURES_SHOWN + 2; i++) remote.refuse.set(`one ${name(i)}`, [full(i)])
+      remote.refuse.set(`one ${name(FAILURES_SHOWN + 3)}`, [{ code: "io", message: `open /d/.x.tmp: EACCES: permission denied, open` }])
+      const lines: Array<string> = []
+      const logger = Logger.make(({ logLevel, message }) => {
+        lines.push(`${logLevel.label} ${Array.isArray(message) ? message.join(" ") : String(message)}`)
+      })
+      const error = yield* makeDestinationWorker(project(root, "one"), dest("one"), none, fast, "once").pipe(
+        Effect.flatMap((w) => Effect.flip(w.run)),
+        Effect.provide(remote.layer),
+        Effect.provide(Logger.replace(Logger.defaultLogger, logger))
+      )
+      expect(error.message).toMatch(new RegExp(`^${FAILURES_SHOWN + 3} change\\(s\\) could not be applied`))
+      const named = lines.filter((l) => / failed: /.test(l) && !l.includes("more failed"))
+      expect(named).toEqual(Array.from({ length: FAILURES_SHOWN }, (_, i) => `ERROR change ${name(i + 1)} failed: ${full(i + 1).message}`))
+      expect(lines).toContain("ERROR … and 3 more failed: 2 with ENOSPC (no space left on device), 1 with EACCES (permission denied)")
+      expect(lines).toContain(`INFO > change ${name(0)}`)
+      expect(lines.some((l) => l.includes("in sync:") && !l.includes("not in sync:"))).toBe(false)
+      expect(lines.find((l) => l.includes("not in sync:"))).toMatch(
+        new RegExp(`^ERROR not in sync: ${FAILURES_SHOWN + 3} change\\(s\\) failed \\(see above\\); sent 1 \\(1 B\\), deleted 0, in `)
+      )
     })
   )
 

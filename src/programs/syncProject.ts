@@ -246,6 +246,18 @@ const MAX_RETRIES = 5
  * than the credit window holds of files of any useful size: it bounds memory, not throughput.
  */
 export const MAX_UNSETTLED = 4096
+/**
+ * Failed changes named one by one in a batch; the rest are counted by cause. A full disk fails every
+ * write of a big sync alike, and 20,000 lines saying so would bury everything else.
+ */
+export const FAILURES_SHOWN = 10
+
+/** "ENOSPC (no space left on device)" out of a failure's message, else the kind of failure. */
+const causeOf = (e: { readonly code?: string; readonly message: string }) => {
+  const errno = /\b(E[A-Z0-9]{2,}): ([^,]+)/.exec(e.message)
+  if (errno !== null) return `${errno[1]} (${errno[2]})`
+  return e.code === "confinement" ? "refused as outside the destination" : e.code ?? e.message
+}
 
 /**
  * One local scan serves every destination reconciling at about the same time. Reusing a scan that
@@ -351,9 +363,9 @@ export const makeDestinationWorker = (
         return Effect.asVoid(wake.offer(undefined))
       })
 
-    /** What the running reconciliation set out to do, reported once the queue drains. */
+    /** The running reconciliation, and what it has done so far (reported once the queue drains). */
     let reconciling:
-      | { readonly startedAt: number; readonly files: number; readonly bytes: number; readonly removes: number; readonly bar: Bar }
+      | { readonly startedAt: number; readonly bar: Bar; sent: number; bytes: number; removed: number; failed: number }
       | undefined
 
     const rootIsThere = Effect.promise(() => fs.stat(project.root).then((s) => s.isDirectory(), () => false))
@@ -397,7 +409,7 @@ export const makeDestinationWorker = (
         }
         yield* Effect.log(`reconciling: ${plan.upserts.length} to send (${formatBytes(plan.bytes)}), ${plan.removes.length} to delete`)
         const bar = yield* progress.start(`${project.name} → ${dest.name}`, plan.upserts.length + plan.removes.length, plan.bytes)
-        reconciling = { startedAt, files: plan.upserts.length, bytes: plan.bytes, removes: plan.removes.length, bar }
+        reconciling = { startedAt, bar, sent: 0, bytes: 0, removed: 0, failed: 0 }
       })
 
     /** A file of the reconciliation's plan, as its scan saw it: 20,000 lstats fewer in an initial sync. */
@@ -453,8 +465,11 @@ export const makeDestinationWorker = (
         // the last is sent, and its progress bar would stand still until then.
         const inFlight: Array<{ readonly plan: Plan; readonly ack: Ack; readonly kind: ChangeKind } | undefined> = []
         let head = 0
-        let settled = 0
+        let succeeded = 0
         let shown = 0
+        let failed = 0
+        /** Failures past the first `FAILURES_SHOWN`, by cause. */
+        const unshown = new Map<string, number>()
         // Lines 21 to 25 wait for the end: shown if the batch had no more, else summed up.
         const held: Array<string> = []
         const bar = reconciling?.bar
@@ -464,7 +479,6 @@ export const makeDestinationWorker = (
           const { ack, kind, plan } = inFlight[head]!
           inFlight[head++] = undefined
           if (head === inFlight.length) inFlight.length = head = 0
-          settled++
           const result = yield* Effect.either(ack.wait)
           if (result._tag === "Left" && result.left._tag === "ConnectionLost") return yield* result.left
           // A refusal of the protocol's kind (the daemon too busy, a write it gave up) is tried again,
@@ -483,8 +497,21 @@ export const makeDestinationWorker = (
           if (bar !== undefined) yield* bar.advance(plan.kind === "write" ? plan.source.size : 0)
           if (result._tag === "Left") {
             failures++
-            yield* Effect.logError(`${verb[plan.kind]} ${plan.path} failed: ${result.left.message}`)
-          } else if (!quiet && shown < 20) {
+            if (reconciling !== undefined) reconciling.failed++
+            if (++failed <= FAILURES_SHOWN) yield* Effect.logError(`${verb[plan.kind]} ${plan.path} failed: ${result.left.message}`)
+            else {
+              const cause = causeOf(result.left)
+              unshown.set(cause, (unshown.get(cause) ?? 0) + 1)
+            }
+            return
+          }
+          succeeded++
+          if (reconciling !== undefined) {
+            if (plan.kind === "remove") reconciling.removed++
+            else reconciling.sent++
+            if (plan.kind === "write") reconciling.bytes += plan.source.size
+          }
+          if (!quiet && shown < 20) {
             shown++
             yield* Effect.log(`> ${verb[plan.kind]} ${plan.path}`)
           } else if (!quiet && held.length < 5) {
@@ -520,8 +547,12 @@ export const makeDestinationWorker = (
             while (head < inFlight.length && (inFlight[head]!.ack.done() || inFlight.length - head > MAX_UNSETTLED)) yield* settleOldest
           }
           while (head < inFlight.length) yield* settleOldest
-          if (settled <= 25) for (const line of held) yield* Effect.log(line)
-          else if (!quiet) yield* Effect.log(`> … and ${settled - shown} more`)
+          if (succeeded <= 25) for (const line of held) yield* Effect.log(line)
+          else if (!quiet) yield* Effect.log(`> … and ${succeeded - shown} more`)
+          if (unshown.size > 0) {
+            const causes = [...unshown].sort((a, b) => b[1] - a[1]).map(([cause, n]) => `${n} with ${cause}`).join(", ")
+            yield* Effect.logError(`… and ${failed - FAILURES_SHOWN} more failed: ${causes}`)
+          }
         }).pipe(Effect.onExit(() => restore(unapplied)))
       })
 
@@ -549,7 +580,9 @@ export const makeDestinationWorker = (
             const r = reconciling
             reconciling = undefined
             const seconds = ((yield* Clock.currentTimeMillis) - r.startedAt) / 1000
-            yield* Effect.log(`in sync: sent ${r.files} (${formatBytes(r.bytes)}), deleted ${r.removes}, in ${seconds.toFixed(2)} s`)
+            const done = `sent ${r.sent} (${formatBytes(r.bytes)}), deleted ${r.removed}, in ${seconds.toFixed(2)} s`
+            if (r.failed === 0) yield* Effect.log(`in sync: ${done}`)
+            else yield* Effect.logError(`not in sync: ${r.failed} change(s) failed (see above); ${done}`)
           }
           if (settling) {
             settling = false

@@ -25,10 +25,12 @@ export const fakeRemote = Effect.gen(function* () {
   /** What a destination lists; by default exactly the local tree at that moment (already in sync). */
   const manifests = new Map<string, ReadonlyArray<ManifestEntry>>()
   /** `dest path` → how the daemon answers the next operations on it (one answer each, then acks). */
-  const refuse = new Map<string, Array<OperationFailed["code"]>>()
+  const refuse = new Map<string, Array<OperationFailed["code"] | { readonly code: OperationFailed["code"]; readonly message: string }>>()
   const refusal = (d: string, p: string) => {
-    const code = refuse.get(`${d} ${p}`)?.shift()
-    return code === undefined ? undefined : new OperationFailed({ dest: d, path: p, code, message: `refused (${code})` })
+    const answer = refuse.get(`${d} ${p}`)?.shift()
+    if (answer === undefined) return undefined
+    const { code, message } = typeof answer === "string" ? { code: answer, message: `refused (${answer})` } : answer
+    return new OperationFailed({ dest: d, path: p, code, message })
   }
   const record = (d: string, entry: string) => applied.set(d, [...(applied.get(d) ?? []), entry])
   /** Answered when waited for (held back while the destination is held): never `done` before that. */
