@@ -40,6 +40,9 @@ const common = {
  * ssh2 takes as no addon).
  */
 const ssh2Version = JSON.parse(readFileSync(join(root, "node_modules/ssh2/package.json"), "utf8")).version
+// An install must get the very ssh2 bundled, or its addon goes unused: package.json pins it.
+const ssh2Wanted = JSON.parse(readFileSync(join(root, "package.json"), "utf8")).dependencies.ssh2
+if (ssh2Wanted !== ssh2Version) throw new Error(`package.json must pin ssh2 to the version installed and bundled (${ssh2Version}), not ${ssh2Wanted}`)
 const ssh2NativeCrypto = {
   name: "ssh2-native-crypto",
   setup(b) {

@@ -420,11 +420,11 @@ describe("reconciliation in the worker", () => {
       expect(error.message).toMatch(new RegExp(`^${FAILURES_SHOWN + 3} change\\(s\\) could not be applied`))
       const named = lines.filter((l) => / failed: /.test(l) && !l.includes("more failed"))
       expect(named).toEqual(Array.from({ length: FAILURES_SHOWN }, (_, i) => `ERROR change ${name(i + 1)} failed: ${full(i + 1).message}`))
-      expect(lines).toContain("ERROR … and 3 more failed: 2 with ENOSPC (no space left on device), 1 with EACCES (permission denied)")
+      expect(lines).toContain("ERROR … and 3 more failed: ENOSPC (no space left on device) ×2, EACCES (permission denied) ×1")
       expect(lines).toContain(`INFO > change ${name(0)}`)
-      expect(lines.some((l) => l.includes("in sync:") && !l.includes("not in sync:"))).toBe(false)
-      expect(lines.find((l) => l.includes("not in sync:"))).toMatch(
-        new RegExp(`^ERROR not in sync: ${FAILURES_SHOWN + 3} change\\(s\\) failed \\(see above\\); sent 1 \\(1 B\\), deleted 0, in `)
+      expect(lines.some((l) => l.includes("in sync"))).toBe(false)
+      expect(lines.find((l) => l.includes("out of sync:"))).toMatch(
+        new RegExp(`^ERROR out of sync: ${FAILURES_SHOWN + 3} change\\(s\\) failed \\(see above\\); sent 1 \\(1 B\\), deleted 0, in `)
       )
     })
   )

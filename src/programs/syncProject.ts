@@ -100,9 +100,10 @@ export const fileSource = (abs: string, rel: string, seen: SeenFile, follow: boo
 /**
  * Errors that say the path is gone or no longer a regular file: a directory (EISDIR on read), a
  * symbolic link (ELOOP on open with O_NOFOLLOW; EMLINK on FreeBSD, EFTYPE on NetBSD), a fifo or a
- * device (EAGAIN on read), a socket (ENXIO on open). The path is planned again.
+ * device (EAGAIN on read; ESPIPE on a read at an offset, as small files are read), a socket (ENXIO on
+ * open). The path is planned again.
  */
-const NOT_THE_FILE = new Set(["ENOENT", "ENOTDIR", "EISDIR", "ELOOP", "EMLINK", "EFTYPE", "EAGAIN", "ENXIO"])
+const NOT_THE_FILE = new Set(["ENOENT", "ENOTDIR", "EISDIR", "ELOOP", "EMLINK", "EFTYPE", "EAGAIN", "ESPIPE", "ENXIO"])
 
 /** O_NONBLOCK: a fifo put where the file was must not block the open (it reads as changed). */
 const READ_FLAGS = fsSync.constants.O_RDONLY | fsSync.constants.O_NONBLOCK
@@ -252,10 +253,13 @@ export const MAX_UNSETTLED = 4096
  */
 export const FAILURES_SHOWN = 10
 
-/** "ENOSPC (no space left on device)" out of a failure's message, else the kind of failure. */
+/**
+ * "ENOSPC (no space left on device)" out of a failure's message (the last such part: a path before it
+ * may look like one), else the kind of failure.
+ */
 const causeOf = (e: { readonly code?: string; readonly message: string }) => {
-  const errno = /\b(E[A-Z0-9]{2,}): ([^,]+)/.exec(e.message)
-  if (errno !== null) return `${errno[1]} (${errno[2]})`
+  const errno = [...e.message.matchAll(/\b(E[A-Z0-9]{2,}): ([^,]+)/g)].pop()
+  if (errno !== undefined) return `${errno[1]} (${errno[2]})`
   return e.code === "confinement" ? "refused as outside the destination" : e.code ?? e.message
 }
 
@@ -378,6 +382,8 @@ export const makeDestinationWorker = (
 
     const reconcile = (session: Session, notBefore: number) =>
       Effect.gen(function* () {
+        // One cut short (the connection lost) is not summed up; its successor, if it has work, is.
+        reconciling = undefined
         const startedAt = yield* Clock.currentTimeMillis
         yield* show({ _tag: "reconciling" })
         // The daemon walks its tree while we walk ours.
@@ -455,10 +461,23 @@ export const makeDestinationWorker = (
           ordered.splice(0, ordered.length, ...ordered.filter((c) => c.kind !== "remove"))
         }
 
+        let failed = 0
+        /** Failures past the first `FAILURES_SHOWN`, by cause. */
+        const unshown = new Map<string, number>()
+        /** A change that could not be made, on either side: the destination is not a mirror until it is. */
+        const failure = (line: string, cause: string) =>
+          Effect.suspend(() => {
+            failures++
+            if (reconciling !== undefined) reconciling.failed++
+            if (++failed <= FAILURES_SHOWN) return Effect.logError(line)
+            unshown.set(cause, (unshown.get(cause) ?? 0) + 1)
+            return Effect.void
+          })
         // Made once, not per path: a big sync sends tens of thousands.
         const unsent = {
           SourceChanged: () => Effect.sync(() => (settling = true)).pipe(Effect.as("settling" as const)),
-          SourceUnreadable: (e: SourceUnreadable) => Effect.as(Effect.logError(`cannot read ${e.path}: ${e.message}`), undefined)
+          SourceUnreadable: (e: SourceUnreadable) =>
+            Effect.as(failure(`cannot read ${e.path}: ${e.message}`, `unreadable here: ${causeOf(e)}`), undefined)
         }
         // Sent and not yet settled, oldest first. Settled in order as their answers come, while the sending
         // goes on: a big sync's tens of thousands of operations would otherwise all stay in memory until
@@ -467,9 +486,6 @@ export const makeDestinationWorker = (
         let head = 0
         let succeeded = 0
         let shown = 0
-        let failed = 0
-        /** Failures past the first `FAILURES_SHOWN`, by cause. */
-        const unshown = new Map<string, number>()
         // Lines 21 to 25 wait for the end: shown if the batch had no more, else summed up.
         const held: Array<string> = []
         const bar = reconciling?.bar
@@ -495,16 +511,7 @@ export const makeDestinationWorker = (
           if (unapplied.get(plan.path) === kind) unapplied.delete(plan.path)
           retries.delete(plan.path)
           if (bar !== undefined) yield* bar.advance(plan.kind === "write" ? plan.source.size : 0)
-          if (result._tag === "Left") {
-            failures++
-            if (reconciling !== undefined) reconciling.failed++
-            if (++failed <= FAILURES_SHOWN) yield* Effect.logError(`${verb[plan.kind]} ${plan.path} failed: ${result.left.message}`)
-            else {
-              const cause = causeOf(result.left)
-              unshown.set(cause, (unshown.get(cause) ?? 0) + 1)
-            }
-            return
-          }
+          if (result._tag === "Left") return yield* failure(`${verb[plan.kind]} ${plan.path} failed: ${result.left.message}`, causeOf(result.left))
           succeeded++
           if (reconciling !== undefined) {
             if (plan.kind === "remove") reconciling.removed++
@@ -550,7 +557,7 @@ export const makeDestinationWorker = (
           if (succeeded <= 25) for (const line of held) yield* Effect.log(line)
           else if (!quiet) yield* Effect.log(`> … and ${succeeded - shown} more`)
           if (unshown.size > 0) {
-            const causes = [...unshown].sort((a, b) => b[1] - a[1]).map(([cause, n]) => `${n} with ${cause}`).join(", ")
+            const causes = [...unshown].sort((a, b) => b[1] - a[1]).map(([cause, n]) => `${cause} ×${n}`).join(", ")
             yield* Effect.logError(`… and ${failed - FAILURES_SHOWN} more failed: ${causes}`)
           }
         }).pipe(Effect.onExit(() => restore(unapplied)))
@@ -582,7 +589,7 @@ export const makeDestinationWorker = (
             const seconds = ((yield* Clock.currentTimeMillis) - r.startedAt) / 1000
             const done = `sent ${r.sent} (${formatBytes(r.bytes)}), deleted ${r.removed}, in ${seconds.toFixed(2)} s`
             if (r.failed === 0) yield* Effect.log(`in sync: ${done}`)
-            else yield* Effect.logError(`not in sync: ${r.failed} change(s) failed (see above); ${done}`)
+            else yield* Effect.logError(`out of sync: ${r.failed} change(s) failed (see above); ${done}`)
           }
           if (settling) {
             settling = false

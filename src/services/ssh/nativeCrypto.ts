@@ -10,9 +10,11 @@
  *
  * ssh2 looks for the addon beside its own file, which bundling does away with; scripts/build.mjs
  * points that `require` here instead. The addon is taken from the ssh2 package installed with
- * sicksync, and only if it is the very version bundled: its native interface is ssh2's internal
- * business. Anything else throws, which ssh2 takes as "no addon" and uses node:crypto, as the agent
- * on a remote always does (it never opens SSH connections itself).
+ * sicksync (package.json pins ssh2 to the exact version bundled), and only if it is that very
+ * version: its native interface is ssh2's internal business. Anything else throws, which ssh2 takes as
+ * "no addon" and uses node:crypto. The agent on a remote never opens SSH connections, so never loads
+ * ssh2 at all. Like ws's optional helpers (bufferutil), the package is looked up as Node looks up any
+ * (node_modules up from the bundle's directory, NODE_PATH, ~/.node_modules).
  */
 
 /** The installed ssh2's addon, when that ssh2 is `bundledVersion`; throws otherwise. */
