@@ -5,7 +5,7 @@ import * as path from "node:path"
 import { makeDestinationWorker, makeScanner, defaultSyncOptions } from "../src/programs/syncProject.js"
 import { tempDirs, testDestination, testProject } from "./support/fixtures.js"
 import { none } from "../src/services/Excludes.js"
-import { type DestinationState, render, Status } from "../src/services/Status.js"
+import { type DestinationState, describeState, render, Status } from "../src/services/Status.js"
 import { fakeRemote } from "./support/fakeRemote.js"
 
 const tmp = tempDirs("sicksync-status-")
@@ -15,9 +15,12 @@ describe("Status", () => {
     const states = new Map<string, DestinationState>([
       ["webapp → devbox1", { _tag: "inSync" }],
       ["api → devbox2", { _tag: "syncing", files: 12 }],
-      ["docs → box3", { _tag: "offline", retryInMs: 3600 }]
+      ["docs → box3", { _tag: "offline", retryInMs: 3600 }],
+      ["www → box4", { _tag: "failing", failed: 2 }]
     ])
-    expect(render(states, 200)).toBe("webapp → devbox1 in sync · api → devbox2 syncing 12 · docs → box3 offline, retry in 4s")
+    expect(render(states, 200)).toBe(
+      "webapp → devbox1 in sync · api → devbox2 syncing 12 · docs → box3 offline, retry in 4s · www → box4 2 failed"
+    )
     expect(render(states, 20)).toBe("webapp → devbox1 in…")
   })
 
@@ -49,6 +52,47 @@ describe("Status", () => {
       yield* Scope.close(scope, Exit.void)
       yield* Effect.sleep("10 millis")
       expect(seen).toEqual(["connecting", "reconciling", "inSync", "syncing", "inSync", "removed"])
+    })
+  )
+
+  it.live("a change that failed keeps the line off 'in sync' until that path is sent", () =>
+    Effect.gen(function* () {
+      const root = tmp()
+      const project = testProject(root)
+      const dest = testDestination("d")
+      const seen: Array<string> = []
+      const recording = Layer.succeed(
+        Status,
+        Status.of({
+          set: (_p, _d, state) => Effect.sync(() => void seen.push(describeState(state))),
+          remove: () => Effect.void,
+          line: () => undefined
+        })
+      )
+      const remote = yield* fakeRemote
+      remote.refuse.set("d f", [{ code: "io", message: "write /r/.f.tmp: ENOSPC: no space left on device, write" }])
+      const scope = yield* Scope.make()
+      const worker = yield* makeScanner(project, none).pipe(
+        Effect.flatMap((scanner) => makeDestinationWorker(project, dest, none, scanner, { ...defaultSyncOptions, settle: "5 millis" })),
+        Effect.provide(Layer.merge(remote.layer, recording))
+      )
+      yield* Effect.forkIn(worker.run, scope)
+      const settled = (n: number) =>
+        Effect.gen(function* () {
+          while (seen.filter((s) => s === "in sync" || s.endsWith(" failed")).length < n) yield* Effect.sleep("5 millis")
+        })
+      yield* settled(1)
+      fs.writeFileSync(path.join(root, "f"), "x")
+      yield* worker.offer([{ path: "f", kind: "upsert" }])
+      yield* settled(2)
+      fs.writeFileSync(path.join(root, "g"), "y")
+      yield* worker.offer([{ path: "g", kind: "upsert" }])
+      yield* settled(3)
+      fs.writeFileSync(path.join(root, "f"), "xx")
+      yield* worker.offer([{ path: "f", kind: "upsert" }])
+      yield* settled(4)
+      yield* Scope.close(scope, Exit.void)
+      expect(seen.filter((s) => s === "in sync" || s.endsWith(" failed"))).toEqual(["in sync", "1 failed", "1 failed", "in sync"])
     })
   )
 })

@@ -379,11 +379,17 @@ export const makeDestinationWorker = (
     /** Refusals of each path in a row, and the changes that could not be applied (a `once` run fails with them). */
     const retries = new Map<string, number>()
     let failures = 0
+    /** Paths whose last change failed: not mirrored until one succeeds (or a reconciliation plans them again). */
+    const failedPaths = new Set<string>()
+    /** In sync, as far as the queue goes: unless some change failed. */
+    const drained = (): DestinationState => (failedPaths.size === 0 ? { _tag: "inSync" } : { _tag: "failing", failed: failedPaths.size })
 
     const reconcile = (session: Session, notBefore: number) =>
       Effect.gen(function* () {
         // One cut short (the connection lost) is not summed up; its successor, if it has work, is.
         reconciling = undefined
+        // What failed before differs from the destination: this plan has it again.
+        failedPaths.clear()
         const startedAt = yield* Clock.currentTimeMillis
         yield* show({ _tag: "reconciling" })
         // The daemon walks its tree while we walk ours.
@@ -465,9 +471,10 @@ export const makeDestinationWorker = (
         /** Failures past the first `FAILURES_SHOWN`, by cause. */
         const unshown = new Map<string, number>()
         /** A change that could not be made, on either side: the destination is not a mirror until it is. */
-        const failure = (line: string, cause: string) =>
+        const failure = (path: string, line: string, cause: string) =>
           Effect.suspend(() => {
             failures++
+            failedPaths.add(path)
             if (reconciling !== undefined) reconciling.failed++
             if (++failed <= FAILURES_SHOWN) return Effect.logError(line)
             unshown.set(cause, (unshown.get(cause) ?? 0) + 1)
@@ -477,7 +484,7 @@ export const makeDestinationWorker = (
         const unsent = {
           SourceChanged: () => Effect.sync(() => (settling = true)).pipe(Effect.as("settling" as const)),
           SourceUnreadable: (e: SourceUnreadable) =>
-            Effect.as(failure(`cannot read ${e.path}: ${e.message}`, `unreadable here: ${causeOf(e)}`), undefined)
+            Effect.as(failure(e.path, `cannot read ${e.path}: ${e.message}`, `unreadable here: ${causeOf(e)}`), undefined)
         }
         // Sent and not yet settled, oldest first. Settled in order as their answers come, while the sending
         // goes on: a big sync's tens of thousands of operations would otherwise all stay in memory until
@@ -511,8 +518,9 @@ export const makeDestinationWorker = (
           if (unapplied.get(plan.path) === kind) unapplied.delete(plan.path)
           retries.delete(plan.path)
           if (bar !== undefined) yield* bar.advance(plan.kind === "write" ? plan.source.size : 0)
-          if (result._tag === "Left") return yield* failure(`${verb[plan.kind]} ${plan.path} failed: ${result.left.message}`, causeOf(result.left))
+          if (result._tag === "Left") return yield* failure(plan.path, `${verb[plan.kind]} ${plan.path} failed: ${result.left.message}`, causeOf(result.left))
           succeeded++
+          failedPaths.delete(plan.path)
           if (reconciling !== undefined) {
             if (plan.kind === "remove") reconciling.removed++
             else reconciling.sent++
@@ -531,6 +539,7 @@ export const makeDestinationWorker = (
             const plan = planScanned(change) ?? planNow(project, excludes, change)
             if (plan.kind === "skip" || (plan.kind === "remove" && options.noDelete)) {
               unapplied.delete(change.path)
+              failedPaths.delete(change.path)
               if (plan.kind === "skip" && plan.why !== "excluded") yield* Effect.logWarning(`skipped ${plan.path}: ${plan.why}`)
               continue
             }
@@ -582,7 +591,7 @@ export const makeDestinationWorker = (
           dirty = new Map()
           yield* show({ _tag: "syncing", files: batch.size })
           yield* apply(session, batch)
-          if (dirty.size === 0 && reconcileFrom === undefined) yield* show({ _tag: "inSync" })
+          if (dirty.size === 0 && reconcileFrom === undefined) yield* show(drained())
           if (reconciling !== undefined && dirty.size === 0 && reconcileFrom === undefined) {
             const r = reconciling
             reconciling = undefined

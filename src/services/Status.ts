@@ -12,6 +12,8 @@ export type DestinationState =
   | { readonly _tag: "reconciling" }
   | { readonly _tag: "syncing"; readonly files: number }
   | { readonly _tag: "inSync" }
+  /** The queue is drained, but these many paths failed and are not mirrored until changed again (or reconnected). */
+  | { readonly _tag: "failing"; readonly failed: number }
   | { readonly _tag: "halted" }
 
 export class Status extends Context.Tag("sicksync/Status")<
@@ -37,6 +39,8 @@ export const describeState = (state: DestinationState): string => {
       return `syncing ${state.files}`
     case "inSync":
       return "in sync"
+    case "failing":
+      return `${state.failed} failed`
     case "halted":
       return "halted"
   }
