@@ -10,6 +10,31 @@ import { fakeRemote } from "./support/fakeRemote.js"
 
 const tmp = tempDirs("sicksync-status-")
 
+/** A live destination worker on a fake remote, run in `scope`, every status it sets (and its removal) given to `record`. */
+const startRecorded = (
+  remote: Effect.Effect.Success<typeof fakeRemote>,
+  scope: Scope.Scope,
+  record: (state: DestinationState | "removed") => void
+) =>
+  Effect.gen(function* () {
+    const root = tmp()
+    const project = testProject(root)
+    const recording = Layer.succeed(
+      Status,
+      Status.of({
+        set: (_p, _d, state) => Effect.sync(() => record(state)),
+        remove: () => Effect.sync(() => record("removed")),
+        line: () => undefined
+      })
+    )
+    const worker = yield* makeScanner(project, none).pipe(
+      Effect.flatMap((scanner) => makeDestinationWorker(project, testDestination("d"), none, scanner, { ...defaultSyncOptions, settle: "5 millis" })),
+      Effect.provide(Layer.merge(remote.layer, recording))
+    )
+    yield* Effect.forkIn(worker.run, scope)
+    return { root, worker }
+  })
+
 describe("Status", () => {
   it("renders one compact line, cut to the terminal's width", () => {
     const states = new Map<string, DestinationState>([
@@ -26,25 +51,10 @@ describe("Status", () => {
 
   it.live("a worker reports connecting, comparing, syncing and in sync, and leaves the line when it ends", () =>
     Effect.gen(function* () {
-      const root = tmp()
-      const project = testProject(root)
-      const dest = testDestination("d")
       const seen: Array<string> = []
-      const recording = Layer.succeed(
-        Status,
-        Status.of({
-          set: (_p, _d, state) => Effect.sync(() => void seen.push(state._tag)),
-          remove: () => Effect.sync(() => void seen.push("removed")),
-          line: () => undefined
-        })
-      )
       const remote = yield* fakeRemote
       const scope = yield* Scope.make()
-      const worker = yield* makeScanner(project, none).pipe(
-        Effect.flatMap((scanner) => makeDestinationWorker(project, dest, none, scanner, { ...defaultSyncOptions, settle: "5 millis" })),
-        Effect.provide(Layer.merge(remote.layer, recording))
-      )
-      yield* Effect.forkIn(worker.run, scope)
+      const { root, worker } = yield* startRecorded(remote, scope, (state) => seen.push(state === "removed" ? state : state._tag))
       while (!seen.includes("inSync")) yield* Effect.sleep("5 millis")
       fs.writeFileSync(path.join(root, "f"), "x")
       yield* worker.offer([{ path: "f", kind: "upsert" }])
@@ -57,26 +67,11 @@ describe("Status", () => {
 
   it.live("a change that failed keeps the line off 'in sync' until that path is sent", () =>
     Effect.gen(function* () {
-      const root = tmp()
-      const project = testProject(root)
-      const dest = testDestination("d")
       const seen: Array<string> = []
-      const recording = Layer.succeed(
-        Status,
-        Status.of({
-          set: (_p, _d, state) => Effect.sync(() => void seen.push(describeState(state))),
-          remove: () => Effect.void,
-          line: () => undefined
-        })
-      )
       const remote = yield* fakeRemote
       remote.refuse.set("d f", [{ code: "io", message: "write /r/.f.tmp: ENOSPC: no space left on device, write" }])
       const scope = yield* Scope.make()
-      const worker = yield* makeScanner(project, none).pipe(
-        Effect.flatMap((scanner) => makeDestinationWorker(project, dest, none, scanner, { ...defaultSyncOptions, settle: "5 millis" })),
-        Effect.provide(Layer.merge(remote.layer, recording))
-      )
-      yield* Effect.forkIn(worker.run, scope)
+      const { root, worker } = yield* startRecorded(remote, scope, (state) => state !== "removed" && seen.push(describeState(state)))
       const settled = (n: number) =>
         Effect.gen(function* () {
           while (seen.filter((s) => s === "in sync" || s.endsWith(" failed")).length < n) yield* Effect.sleep("5 millis")
