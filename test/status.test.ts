@@ -65,7 +65,7 @@ describe("Status", () => {
     })
   )
 
-  it.live("a change that failed keeps the line off 'in sync' until that path is sent", () =>
+  it.live("a change that failed keeps the line off 'in sync' until that path is sent, or removed with its directory", () =>
     Effect.gen(function* () {
       const seen: Array<string> = []
       const remote = yield* fakeRemote
@@ -86,8 +86,24 @@ describe("Status", () => {
       fs.writeFileSync(path.join(root, "f"), "xx")
       yield* worker.offer([{ path: "f", kind: "upsert" }])
       yield* settled(4)
+      // a file that failed in a directory removed since is no longer a failure
+      fs.mkdirSync(path.join(root, "d"))
+      fs.writeFileSync(path.join(root, "d", "x"), "z")
+      remote.refuse.set("d d/x", [{ code: "io", message: "write /r/d/.x.tmp: ENOSPC: no space left on device, write" }])
+      yield* worker.offer([{ path: "d", kind: "upsert" }, { path: "d/x", kind: "upsert" }])
+      yield* settled(5)
+      fs.rmSync(path.join(root, "d"), { recursive: true })
+      yield* worker.offer([{ path: "d", kind: "remove" }])
+      yield* settled(6)
       yield* Scope.close(scope, Exit.void)
-      expect(seen.filter((s) => s === "in sync" || s.endsWith(" failed"))).toEqual(["in sync", "1 failed", "1 failed", "in sync"])
+      expect(seen.filter((s) => s === "in sync" || s.endsWith(" failed"))).toEqual([
+        "in sync",
+        "1 failed",
+        "1 failed",
+        "in sync",
+        "1 failed",
+        "in sync"
+      ])
     })
   )
 })

@@ -29,8 +29,15 @@ const cacheDirectory = () => {
   }
 }
 const cacheDir = cacheDirectory()
+/**
+ * The daemon, and `start-daemon` which spawns it, keep a cache of their own (they run other code than
+ * a client, and share a home with one over the local transport or ssh to this machine), written as
+ * soon as the top level has run: `start-daemon` writes it before it spawns the daemon, which starts
+ * with it.
+ */
+const daemonSide = process.argv[2] === "daemon" || process.argv[2] === "start-daemon"
 // V8 refuses a cache from another V8 or with other flags; the name keeps each Node's apart.
-const cacheFile = cacheDir && path.join(cacheDir, `${KEY}-v8-${process.versions.v8}-${process.arch}.v8`)
+const cacheFile = cacheDir && path.join(cacheDir, `${KEY}${daemonSide ? "-daemon" : ""}-v8-${process.versions.v8}-${process.arch}.v8`)
 
 const readCache = () => {
   try {
@@ -78,16 +85,16 @@ const cachedData = readCache()
 // The program has no import() left (everything is bundled); vm.constants is Node 20.12+ (remotes may be older).
 const script = new vm.Script(PROGRAM, { filename, cachedData })
 const module = { exports: {} }
-script.runInThisContext()(module.exports, require, module, filename, path.dirname(filename), import.meta.url)
-// Written once the program has done some of its work: at its exit, or CACHE_AFTER_MS into a longer run.
-// The cache holds what was compiled by then; written as soon as the top level had run, it lacked all
-// a sync runs (connecting, walking, comparing), which every later run then compiled anew: a no-change
-// `once` measured 25–90 ms slower with it (12 alternating pairs). Never at the exit of a long run: by
-// then V8 has dropped the bytecode of start-up code it no longer uses, and a cache without it made
-// every later start slower than no cache at all (measured: `--version` 0.37 -> 0.64 s after a cache
-// written at the exit of a 20,000-file sync).
-const CACHE_AFTER_MS = 2000
-if (cacheFile && (cachedData === undefined || script.cachedDataRejected)) {
+const writeWanted = cacheFile !== undefined && (cachedData === undefined || script.cachedDataRejected)
+// A client's cache is written once it has done some of its work: at its exit, or CACHE_AFTER_MS into a
+// longer run. It holds what was compiled by then; written as soon as the top level had run, it lacked
+// all a sync runs (connecting, walking, comparing), which every later run then compiled anew: a
+// no-change `once` measured 25–90 ms slower with it (12 alternating pairs). Never at the exit of a long
+// run: by then V8 has dropped the bytecode of start-up code it no longer uses, and a cache without it
+// made every later start slower than no cache at all (measured: `--version` 0.37 -> 0.64 s after a
+// cache written at the exit of a 20,000-file sync). Set before the program runs: its exit comes first.
+const CACHE_AFTER_MS = Number(process.env.SICKSYNC_CACHE_AFTER_MS) || 2000
+if (writeWanted && !daemonSide) {
   let written = false
   const writeOnce = () => {
     if (written) return
@@ -97,3 +104,5 @@ if (cacheFile && (cachedData === undefined || script.cachedDataRejected)) {
   process.once("exit", writeOnce)
   setTimeout(writeOnce, CACHE_AFTER_MS).unref()
 }
+script.runInThisContext()(module.exports, require, module, filename, path.dirname(filename), import.meta.url)
+if (writeWanted && daemonSide) writeCache(script)

@@ -381,6 +381,13 @@ export const makeDestinationWorker = (
     let failures = 0
     /** Paths whose last change failed: not mirrored until one succeeds (or a reconciliation plans them again). */
     const failedPaths = new Set<string>()
+    /** `p` is handled: neither it nor, if it was a directory now removed, anything below it has failed. */
+    const handled = (p: string, removed: boolean) => {
+      failedPaths.delete(p)
+      if (!removed || failedPaths.size === 0) return
+      const below = p + "/"
+      for (const f of failedPaths) if (f.startsWith(below)) failedPaths.delete(f)
+    }
     /** In sync, as far as the queue goes: unless some change failed. */
     const drained = (): DestinationState => (failedPaths.size === 0 ? { _tag: "inSync" } : { _tag: "failing", failed: failedPaths.size })
 
@@ -520,7 +527,7 @@ export const makeDestinationWorker = (
           if (bar !== undefined) yield* bar.advance(plan.kind === "write" ? plan.source.size : 0)
           if (result._tag === "Left") return yield* failure(plan.path, `${verb[plan.kind]} ${plan.path} failed: ${result.left.message}`, causeOf(result.left))
           succeeded++
-          failedPaths.delete(plan.path)
+          handled(plan.path, plan.kind === "remove")
           if (reconciling !== undefined) {
             if (plan.kind === "remove") reconciling.removed++
             else reconciling.sent++
@@ -539,7 +546,7 @@ export const makeDestinationWorker = (
             const plan = planScanned(change) ?? planNow(project, excludes, change)
             if (plan.kind === "skip" || (plan.kind === "remove" && options.noDelete)) {
               unapplied.delete(change.path)
-              failedPaths.delete(change.path)
+              handled(change.path, plan.kind === "remove")
               if (plan.kind === "skip" && plan.why !== "excluded") yield* Effect.logWarning(`skipped ${plan.path}: ${plan.why}`)
               continue
             }
