@@ -1,5 +1,5 @@
 import { describe, expect, it } from "@effect/vitest"
-import { Deferred, Duration, Effect, Exit, Fiber, Layer, Logger, Random, Schedule, Scope, TestClock } from "effect"
+import { Deferred, Duration, Effect, Exit, Fiber, Layer, Logger, Option, Random, Schedule, Scope, TestClock } from "effect"
 import { execFileSync } from "node:child_process"
 import * as fs from "node:fs"
 import * as path from "node:path"
@@ -138,6 +138,34 @@ describe("destination worker", () => {
       const applied = yield* eventually(() => (remote.applied.get("one")?.length === 2 ? remote.applied.get("one") : undefined), "retry")
       expect(applied).toEqual(["Write f data", "Write f data"])
       expect(remote.opens.get("one")).toBe(2)
+      yield* Scope.close(scope, Exit.void)
+    })
+  )
+
+  it.live("a reconnect does not reuse a scan older than the changes sent before the connection died", () =>
+    Effect.gen(function* () {
+      const root = tmpRoot()
+      for (let i = 0; i < 5; i++) fs.writeFileSync(path.join(root, `old${i}`), "x")
+      const remote = yield* fakeRemote
+      const p = project(root, "one")
+      const scanner = yield* makeScanner(p, none)
+      yield* scanner.scan(0) // the scan the first reconciliation reuses (as the project's prefetch)
+      const scope = yield* Scope.make()
+      const worker = yield* makeWorker(p, dest("one"), none, scanner, fast, "live").pipe(Effect.provide(remote.layer))
+      const running = yield* Effect.forkIn(worker.run, scope)
+      yield* eventually(() => remote.opens.get("one") === 1, "connected")
+      yield* Effect.sleep("50 millis") // its reconciliation: nothing to do
+      // 30 files made and sent live, within the time a scan may be reused
+      for (let i = 0; i < 30; i++) fs.writeFileSync(path.join(root, `new${i}`), "y")
+      yield* worker.offer(Array.from({ length: 30 }, (_, i) => ({ path: `new${i}`, kind: "upsert" as const })))
+      yield* eventually(() => (remote.applied.get("one") ?? []).length === 30, "sent live")
+      yield* Deferred.succeed(remote.sessions.get("one")!, new ConnectionLost({ dest: "one", message: "cut" }))
+      yield* eventually(() => remote.opens.get("one") === 2, "reconnected")
+      // The first scan knows none of the 30 files the destination now lists: reused, its plan would
+      // delete them (and, as that is most of the destination, halt it).
+      yield* Effect.sleep("100 millis")
+      expect(Option.isNone(yield* Fiber.poll(running))).toBe(true) // still running, not halted
+      expect(remote.applied.get("one")!.filter((op) => op.startsWith("Remove"))).toEqual([])
       yield* Scope.close(scope, Exit.void)
     })
   )

@@ -265,9 +265,10 @@ const causeOf = (e: { readonly code?: string; readonly message: string }) => {
 
 /**
  * One local scan serves every destination reconciling at about the same time. Reusing a scan that
- * started before a change is safe: the change is in every worker's dirty set (workers exist before
- * the watcher starts), and what is sent is what is on disk at send time: `planNow` looks again, and
- * a file planned from the scan is sent only if the open file still is what the scan saw.
+ * started before a change is safe while the change is in every worker's dirty set (workers exist
+ * before the watcher starts), and what is sent is what is on disk at send time: `planNow` looks again,
+ * and a file planned from the scan is sent only if the open file still is what the scan saw. A change
+ * already sent has left the dirty set: a worker whose session died asks for a scan started after that.
  */
 export interface Scanner {
   /** A scan that started at `notBefore` or later (ms since the epoch), running a new one if needed. */
@@ -646,6 +647,8 @@ export const makeDestinationWorker = (
       )
 
     const run: Effect.Effect<void, DestinationHalted> = Effect.gen(function* () {
+      /** When the last session died: changes sent before then may be missing from any earlier scan. */
+      let lostAt = 0
       for (;;) {
         yield* show({ _tag: "connecting" })
         const outcome = yield* Effect.scoped(
@@ -654,8 +657,11 @@ export const makeDestinationWorker = (
             yield* Effect.log(`connected to ${session.root}`)
             // Whatever changed while we were away — or before we started — is found by comparing. A
             // one-off run has no watcher to catch up with: any scan of its own scanner serves, however slow
-            // the connect was.
-            yield* requestReconcile(mode === "live" ? (yield* Clock.currentTimeMillis) - SCAN_REUSE_MS : 0)
+            // the connect was. A live one may reuse a recent scan, but none from before its last session
+            // died: the changes that session sent are on the destination, and gone from the dirty set, so
+            // a scan without them would plan to delete them (and, were they most of it, halt).
+            const now = yield* Clock.currentTimeMillis
+            yield* requestReconcile(mode === "live" ? Math.max(now - SCAN_REUSE_MS, lostAt) : 0)
             return yield* Effect.raceFirst(pump(session), Effect.flatMap(session.closed, Effect.fail))
           })
         ).pipe(Effect.either)
@@ -673,6 +679,7 @@ export const makeDestinationWorker = (
             return yield* halt(error.message, true)
           case "ConnectionLost":
             if (mode !== "live") return yield* halt(`connection lost: ${error.message}`)
+            lostAt = yield* Clock.currentTimeMillis
             yield* Effect.logWarning(`connection lost (${error.message}); reconnecting`)
         }
       }
