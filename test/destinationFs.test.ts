@@ -294,6 +294,28 @@ describe("one-go writes, modes and the verified-directory cache", () => {
 })
 
 describe("manifest", () => {
+  it.scoped("removes temp files a dead daemon left, never a live write's, nor what it did not write", () =>
+    Effect.gen(function*() {
+      const { api, root } = yield* setup
+      fs.mkdirSync(path.join(root, "d"))
+      // a write cut short by a daemon killed mid-write (another instance's id in the name)
+      const orphan = path.join(root, "d", ".f.sicksync-0123456789abcdef.tmp")
+      fs.writeFileSync(orphan, "partial")
+      // something else with such a name: not a file or symlink we would have made
+      const dir = path.join(root, ".g.sicksync-89abcdef01234567.tmp")
+      fs.mkdirSync(dir)
+      // this instance's write, still in progress
+      const handle = yield* api.openWrite(root, "d/h")
+      yield* handle.write(Buffer.from("half"))
+      const entries = Chunk.toReadonlyArray(yield* Stream.runCollect(api.manifest(root)))
+      expect(entries.map((e) => e.path).sort()).toEqual(["d"])
+      expect(fs.existsSync(orphan)).toBe(false)
+      expect(fs.existsSync(dir)).toBe(true)
+      expect(fs.readFileSync(handle.tempPath, "utf8")).toBe("half")
+      yield* handle.commit(0o644, Date.now())
+      expect(fs.readFileSync(path.join(root, "d/h"), "utf8")).toBe("half")
+    }))
+
   /** What the manifest should hold, walked synchronously. */
   const expected = (root: string) => {
     const out = new Map<string, string>()
@@ -321,7 +343,7 @@ describe("manifest", () => {
         for (let k = 0; k < (i === 3 ? 700 : 5); k++) fs.writeFileSync(path.join(dir, `f${k}`), "x".repeat(k))
       }
       fs.symlinkSync("../w1", path.join(root, "w0/link"))
-      fs.writeFileSync(path.join(root, "w2/.f1.sicksync-0123456789abcdef.tmp"), "partial")
+      // (temp files: the test before; removing an orphan changes its directory's mtime, listed before)
       for (const pageSize of [1, 7, 1000]) {
         const pages = Chunk.toReadonlyArray(yield* Stream.runCollect(api.manifestPages(root, pageSize)))
         for (const page of pages) {

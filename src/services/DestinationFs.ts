@@ -275,20 +275,27 @@ type ParentWalk = (root: string, rel: string, segments: ReadonlyArray<string>, c
 export const make = (options: { readonly home: string }): DestinationFsApi => {
   const home = path.resolve(options.home)
   const stateDir = path.join(home, ".sicksync")
-  /** Temp-file name suffixes: random bytes drawn in batches, one `randomBytes` call per 512 names. */
+  /**
+   * Temp-file name suffixes: this instance's id (8 hex digits), then 8 random ones, drawn in batches
+   * (one `randomBytes` call per 1,024 names). A temp file with another instance's id was left by a
+   * daemon that died mid-write (killed, or its machine rebooted): the manifest walk removes it.
+   */
+  const instance = crypto.randomBytes(4).toString("hex")
   let randomPool = Buffer.alloc(0)
   let randomOffset = 0
-  const randomHex8 = (): string => {
-    if (randomOffset + 8 > randomPool.byteLength) {
-      randomPool = crypto.randomBytes(8 * 512)
+  const randomHex4 = (): string => {
+    if (randomOffset + 4 > randomPool.byteLength) {
+      randomPool = crypto.randomBytes(4 * 1024)
       randomOffset = 0
     }
-    randomOffset += 8
-    return randomPool.toString("hex", randomOffset - 8, randomOffset)
+    randomOffset += 4
+    return randomPool.toString("hex", randomOffset - 4, randomOffset)
   }
   const tempName = (name: string): string =>
     // keep within NAME_MAX (255 bytes) for long names (a UTF-16 unit is at most 3 bytes of UTF-8)
-    `.${name.length * 3 <= 200 ? name : Buffer.from(name).subarray(0, 200).toString("utf8").replace(/\uFFFD+$/, "")}.sicksync-${randomHex8()}.tmp`
+    `.${name.length * 3 <= 200 ? name : Buffer.from(name).subarray(0, 200).toString("utf8").replace(/\uFFFD+$/, "")}.sicksync-${instance}${randomHex4()}.tmp`
+  /** A temp file of another instance: an orphan (see `tempName`). */
+  const isOrphanTemp = (name: string): boolean => isTempName(name) && name.slice(-20, -12) !== instance
 
   // Read once: the daemon never changes it. open(2)/mkdir(2) apply it to the mode they are given.
   const umask = process.umask()
@@ -743,7 +750,17 @@ export const make = (options: { readonly home: string }): DestinationFsApi => {
           continue
         }
         const name = open.names[open.next++]!
-        if (isTempName(name)) continue
+        if (isTempName(name)) {
+          // Its write is gone with its daemon. Ours are files and symlinks: anything else is left alone.
+          if (isOrphanTemp(name)) {
+            try {
+              fs.unlinkSync(root + "/" + open.prefix + name)
+            } catch {
+              // gone already, or not ours to remove
+            }
+          }
+          continue
+        }
         const entryPath = open.prefix + name
         const st = fs.lstatSync(root + "/" + entryPath, { throwIfNoEntry: false })
         if (st === undefined) continue
