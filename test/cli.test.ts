@@ -176,7 +176,7 @@ describe("the launcher's code cache", () => {
     const cache = tmp()
     writeFile(
       path.join(project, ".sicksync-config.json"),
-      JSON.stringify({ project: "p", destinations: [{ name: "d", hostname: "localhost", destinationLocation: path.join(project, "..", `${path.basename(project)}-dest`), transport: "local", websocketPort: 0 }] })
+      JSON.stringify({ project: "p", destinations: [{ name: "d", hostname: "localhost", destinationLocation: path.join(tmp(), "dest"), transport: "local", websocketPort: 0 }] })
     )
     const home = tmp()
     const client = spawn(process.execPath, [BIN], {
