@@ -294,8 +294,8 @@ export const make = (options: { readonly home: string }): DestinationFsApi => {
   const tempName = (name: string): string =>
     // keep within NAME_MAX (255 bytes) for long names (a UTF-16 unit is at most 3 bytes of UTF-8)
     `.${name.length * 3 <= 200 ? name : Buffer.from(name).subarray(0, 200).toString("utf8").replace(/\uFFFD+$/, "")}.sicksync-${instance}${randomHex4()}.tmp`
-  /** A temp file of another instance: an orphan (see `tempName`). */
-  const isOrphanTemp = (name: string): boolean => isTempName(name) && name.slice(-20, -12) !== instance
+  /** A temp name (see `isTempName`) of another instance: an orphan (see `tempName`). */
+  const isOrphanTemp = (tempName: string): boolean => tempName.slice(-20, -12) !== instance
 
   // Read once: the daemon never changes it. open(2)/mkdir(2) apply it to the mode they are given.
   const umask = process.umask()
