@@ -654,6 +654,32 @@ describe("pipelined operations, applied concurrently", () => {
       { ...write, ch: "1" },
       new Mkdir({ seq: 2, path: "d", mode: 0o755 })
     ]
+    const mkdir = { _tag: "Mkdir", ch: 2, seq: 2, path: "d", mode: 0o755, mtime: 1700000000123.5 }
+    inputs.push(
+      mkdir,
+      { ...mkdir, mtime: undefined },
+      { ...mkdir, ch: undefined },
+      { ...mkdir, extra: [1] },
+      { ...mkdir, mtime: "now" },
+      { ...mkdir, mtime: null },
+      { ...mkdir, mode: 0o10000 },
+      { ...mkdir, mode: -1 },
+      { ...mkdir, mode: 1.5 },
+      { ...mkdir, mode: undefined },
+      { ...mkdir, path: 3 },
+      { ...mkdir, seq: 0x100000000 },
+      { ...mkdir, ch: "2" }
+    )
+    const remove = { _tag: "Remove", ch: 1, seq: 4, path: "r/s" }
+    inputs.push(
+      remove,
+      { ...remove, ch: undefined },
+      { ...remove, extra: "x" },
+      { ...remove, path: null },
+      { ...remove, seq: -1 },
+      { ...remove, seq: undefined },
+      { ...remove, ch: 1.5 }
+    )
     const file = { path: "f", size: 3, mode: 0o600, mtime: 2.5 }
     const batch = { _tag: "WriteBatch", ch: 1, seq: 9, files: [file, { ...file, path: "g" }] }
     inputs.push(

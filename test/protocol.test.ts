@@ -1,6 +1,17 @@
 import { Either, Schema } from "effect"
 import { describe, expect, it } from "vitest"
-import { DaemonMessage, decodeDaemonMessage } from "../src/schemas/Protocol.js"
+import {
+  type ClientMessage,
+  DaemonMessage,
+  decodeClientMessage,
+  decodeDaemonMessage,
+  encodeClientMessage,
+  Mkdir,
+  Remove,
+  Rename,
+  Symlink
+} from "../src/schemas/Protocol.js"
+import { encodeOperation, type OperationInput } from "../src/services/RemoteConnection.js"
 
 const bySchema = Schema.decodeUnknownEither(Schema.parseJson(DaemonMessage))
 
@@ -38,6 +49,24 @@ describe("decodeDaemonMessage (hand-checked fast path)", () => {
     for (const text of rejected) {
       expect(Either.isLeft(decodeDaemonMessage(text)), text).toBe(true)
       expect(Either.isLeft(bySchema(text)), text).toBe(true)
+    }
+  })
+})
+
+describe("encodeOperation (the client's operations without the Schema)", () => {
+  it("is what encodeClientMessage makes of the same operation, and decodes to it", () => {
+    const cases: Array<[OperationInput, ClientMessage]> = [
+      [{ _tag: "Mkdir", path: "a/b", mode: 0o2755, mtime: 1700000000123.5 }, new Mkdir({ ch: 3, seq: 9, path: "a/b", mode: 0o2755, mtime: 1700000000123.5 })],
+      [{ _tag: "Mkdir", path: "d", mode: 0o700 }, new Mkdir({ ch: 3, seq: 9, path: "d", mode: 0o700 })],
+      [{ _tag: "Remove", path: "\"quoted\" ünïcode\n" }, new Remove({ ch: 3, seq: 9, path: "\"quoted\" ünïcode\n" })],
+      [{ _tag: "Rename", from: "x", to: "y/z" }, new Rename({ ch: 3, seq: 9, from: "x", to: "y/z" })],
+      [{ _tag: "Symlink", path: "l", target: "../t", mtime: 2 }, new Symlink({ ch: 3, seq: 9, path: "l", target: "../t", mtime: 2 })],
+      [{ _tag: "Symlink", path: "l", target: "" }, new Symlink({ ch: 3, seq: 9, path: "l", target: "" })]
+    ]
+    for (const [op, message] of cases) {
+      const fast = encodeOperation(3, 9, op)
+      expect(JSON.parse(fast), fast).toEqual(JSON.parse(encodeClientMessage(message)))
+      expect(Either.getOrThrow(decodeClientMessage(fast))).toEqual(message)
     }
   })
 })

@@ -449,30 +449,31 @@ export const makeDestinationWorker = (
     const apply = (session: Session, batch: Map<string, ChangeKind>) =>
       Effect.gen(function* () {
         const unapplied = new Map(batch)
-        const changes: Array<Change> = [...batch].map(([p, kind]) => ({ path: p, kind }))
-        // Parents before children; a removed directory takes its contents with it.
-        const removed = changes.filter((c) => c.kind === "remove").map((c) => c.path)
-        const removedSet = new Set(removed)
+        // Parents before children; a removed directory takes its contents with it. One pass, no copies:
+        // a big sync's batch is tens of thousands of paths, all sorted before the first is sent.
+        const removed = new Set<string>()
+        for (const [p, kind] of batch) if (kind === "remove") removed.add(p)
         const coveredByRemoval = (p: string) => {
-          for (let i = p.lastIndexOf("/"); i > 0; i = p.lastIndexOf("/", i - 1)) if (removedSet.has(p.slice(0, i))) return true
+          for (let i = p.lastIndexOf("/"); i > 0; i = p.lastIndexOf("/", i - 1)) if (removed.has(p.slice(0, i))) return true
           return false
         }
-        const depth = (p: string) => {
-          let n = 0
-          for (let i = p.indexOf("/"); i >= 0; i = p.indexOf("/", i + 1)) n++
-          return n
+        let ordered: Array<Change & { readonly depth: number }> = []
+        for (const [p, kind] of batch) {
+          if (kind === "remove" && coveredByRemoval(p)) {
+            unapplied.delete(p)
+            continue
+          }
+          let depth = 0
+          for (let i = p.indexOf("/"); i >= 0; i = p.indexOf("/", i + 1)) depth++
+          ordered.push({ path: p, kind, depth })
         }
-        const ordered = changes
-          .filter((c) => !(c.kind === "remove" && coveredByRemoval(c.path)))
-          .map((c) => ({ ...c, depth: depth(c.path) }))
-          .sort((a, b) => (a.kind !== b.kind ? (a.kind === "remove" ? -1 : 1) : a.depth - b.depth || (a.path < b.path ? -1 : 1)))
-        for (const c of changes) if (c.kind === "remove" && coveredByRemoval(c.path)) unapplied.delete(c.path)
+        ordered.sort((a, b) => (a.kind !== b.kind ? (a.kind === "remove" ? -1 : 1) : a.depth - b.depth || (a.path < b.path ? -1 : 1)))
 
         // Safety: removals while the source root is gone are the root vanishing, not the user deleting.
-        if (removed.length > 0 && !(yield* rootIsThere)) {
+        if (removed.size > 0 && !(yield* rootIsThere)) {
           yield* Effect.logError(`${project.root} is missing: not deleting anything on the destination`)
           for (const r of removed) unapplied.delete(r)
-          ordered.splice(0, ordered.length, ...ordered.filter((c) => c.kind !== "remove"))
+          ordered = ordered.filter((c) => c.kind !== "remove")
         }
 
         let failed = 0

@@ -29,12 +29,12 @@ import {
   MAX_BATCH_BYTES,
   MAX_BATCH_FILES,
   MAX_OPEN_WRITES,
-  Mkdir,
+  type Mkdir,
   Open,
   PROTOCOL_VERSION,
-  Remove,
-  Rename,
-  Symlink,
+  type Remove,
+  type Rename,
+  type Symlink,
   WINDOW_BYTES,
   Write
 } from "../schemas/Protocol.js"
@@ -80,6 +80,25 @@ export type OperationInput =
   | Input<Remove> & { readonly _tag: "Remove" }
   | Input<Rename> & { readonly _tag: "Rename" }
   | Input<Symlink> & { readonly _tag: "Symlink" }
+
+/**
+ * `encodeClientMessage` of an operation, without the Schema: their encoding is the identity, and going
+ * through the class and the encoder cost ~50 µs each, ~100 ms of an initial sync's 2,000 directories
+ * before its first file left. The values are the client's own (lstat, its counters); the daemon checks
+ * what it decodes. Fields are picked, not spread: nothing else goes on the wire.
+ */
+export const encodeOperation = (ch: number, seq: number, op: OperationInput): string => {
+  switch (op._tag) {
+    case "Mkdir":
+      return JSON.stringify({ _tag: op._tag, ch, seq, path: op.path, mode: op.mode, mtime: op.mtime })
+    case "Remove":
+      return JSON.stringify({ _tag: op._tag, ch, seq, path: op.path })
+    case "Rename":
+      return JSON.stringify({ _tag: op._tag, ch, seq, from: op.from, to: op.to })
+    case "Symlink":
+      return JSON.stringify({ _tag: op._tag, ch, seq, path: op.path, target: op.target, mtime: op.mtime })
+  }
+}
 
 export interface FileSource {
   readonly path: string
@@ -491,15 +510,7 @@ export const openLink = (
           yield* ensureOpen
           const path = op._tag === "Rename" ? op.from : op.path
           const { ack, seq } = register(path)
-          const message =
-            op._tag === "Mkdir"
-              ? new Mkdir({ ...op, ch, seq })
-              : op._tag === "Remove"
-                ? new Remove({ ...op, ch, seq })
-                : op._tag === "Rename"
-                  ? new Rename({ ...op, ch, seq })
-                  : new Symlink({ ...op, ch, seq })
-          yield* frame(encodeClientMessage(message))
+          yield* frame(encodeOperation(ch, seq, op))
           return ack
         })
 
