@@ -171,7 +171,7 @@ describe("the launcher's code cache", () => {
     expect(sizeAfter(["info"])).toBeGreaterThan(sizeAfter(["--version"]) + 20_000)
   })
 
-  it("a long-running client writes its own a moment into the run, and not again when it ends", async () => {
+  it("a long-running client writes its own a moment into the run, and not again when it ends; the next short run writes a whole one", async () => {
     const project = tmp()
     const cache = tmp()
     writeFile(
@@ -201,6 +201,21 @@ describe("the launcher's code cache", () => {
       await exited
       const after = fs.statSync(path.join(dir, mine()[0]!))
       expect({ ino: after.ino, mtimeMs: after.mtimeMs }).toEqual({ ino: before.ino, mtimeMs: before.mtimeMs })
+      expect(mine()[0]).toMatch(/-midrun\.v8$/)
+      // A short run starting from it writes a whole one at its exit (what it loaded, and what it ran) in its place…
+      const short = () => {
+        const env = { ...process.env, HOME: home, XDG_CACHE_HOME: cache, SICKSYNC_CACHE_AFTER_MS: "600000" }
+        const r = spawnSync(process.execPath, [BIN, "info"], { cwd: project, env, encoding: "utf8", timeout: 30_000 })
+        expect(r.status, r.stderr).toBe(0)
+      }
+      short()
+      expect(mine()).toHaveLength(1)
+      expect(mine()[0]).not.toMatch(/-midrun\.v8$/)
+      const whole = fs.statSync(path.join(dir, mine()[0]!))
+      expect(whole.size).toBeGreaterThanOrEqual(after.size)
+      // …which later runs use as it is.
+      short()
+      expect(fs.statSync(path.join(dir, mine()[0]!)).mtimeMs).toBe(whole.mtimeMs)
     } finally {
       client.kill("SIGKILL")
       await exited

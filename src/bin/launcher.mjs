@@ -37,18 +37,22 @@ const cacheDir = cacheDirectory()
  */
 const daemonSide = process.argv[2] === "daemon" || process.argv[2] === "start-daemon"
 // V8 refuses a cache from another V8 or with other flags; the name keeps each Node's apart.
-const cacheFile = cacheDir && path.join(cacheDir, `${KEY}${daemonSide ? "-daemon" : ""}-v8-${process.versions.v8}-${process.arch}.v8`)
+const cacheName = (suffix) =>
+  cacheDir && path.join(cacheDir, `${KEY}${daemonSide ? "-daemon" : ""}-v8-${process.versions.v8}-${process.arch}${suffix}.v8`)
+const cacheFile = cacheName("")
+/** A client's cache written a moment into a long run: kept until a short run writes a whole one. */
+const midRunFile = cacheName("-midrun")
 
-const readCache = () => {
+const readCache = (file) => {
   try {
-    return cacheFile && fs.readFileSync(cacheFile)
+    return file && fs.readFileSync(file)
   } catch {
     return undefined
   }
 }
 
 /** A temp name, then a rename: a reader never sees half a cache. */
-const writeCache = (script) => {
+const writeCache = (script, file) => {
   try {
     // One level at a time, never the home itself: a missing home must not be brought back.
     for (const dir of [path.dirname(cacheDir), cacheDir]) {
@@ -58,7 +62,7 @@ const writeCache = (script) => {
         if (e.code !== "EEXIST") throw e
       }
     }
-    const temp = `${cacheFile}.${process.pid}.tmp`
+    const temp = `${file}.${process.pid}.tmp`
     // Opened before the cache is serialized: where it cannot be written, a start pays nothing for it.
     const fd = fs.openSync(temp, "w", 0o600)
     try {
@@ -66,43 +70,57 @@ const writeCache = (script) => {
     } finally {
       fs.closeSync(fd)
     }
-    fs.renameSync(temp, cacheFile)
-    // Caches of other builds go once they have not been rewritten for a month (one still in use is
-    // then written again), and temp files of writes cut short after an hour.
+    fs.renameSync(temp, file)
+    // A whole cache replaces the one written mid-run. Caches of other builds go once they have not been
+    // rewritten for a month (one still in use is then written again), and temp files of writes cut
+    // short after an hour.
+    if (file === cacheFile) fs.rmSync(midRunFile, { force: true })
     const now = Date.now()
     for (const name of fs.readdirSync(cacheDir)) {
-      const file = path.join(cacheDir, name)
-      const age = now - fs.statSync(file).mtimeMs
-      const stale = name.endsWith(".v8") ? file !== cacheFile && age > 30 * 24 * 3600 * 1000 : name.endsWith(".tmp") && age > 3600 * 1000
-      if (stale) fs.rmSync(file, { force: true })
+      const other = path.join(cacheDir, name)
+      const age = now - fs.statSync(other).mtimeMs
+      const ours = other === cacheFile || other === midRunFile
+      const stale = name.endsWith(".v8") ? !ours && age > 30 * 24 * 3600 * 1000 : name.endsWith(".tmp") && age > 3600 * 1000
+      if (stale) fs.rmSync(other, { force: true })
     }
   } catch {
     // No cache (read-only home, full disk): the next start compiles again, nothing worse.
   }
 }
 
-const cachedData = readCache()
+const whole = readCache(cacheFile)
+const midRun = whole === undefined && !daemonSide ? readCache(midRunFile) : undefined
+const cachedData = whole ?? midRun
 // The program has no import() left (everything is bundled); vm.constants is Node 20.12+ (remotes may be older).
 const script = new vm.Script(PROGRAM, { filename, cachedData })
 const module = { exports: {} }
-const writeWanted = cacheFile !== undefined && (cachedData === undefined || script.cachedDataRejected)
-// A client's cache is written once it has done some of its work: at its exit, or CACHE_AFTER_MS into a
-// longer run. It holds what was compiled by then; written as soon as the top level had run, it lacked
-// all a sync runs (connecting, walking, comparing), which every later run then compiled anew: a
-// no-change `once` measured 25–90 ms slower with it (12 alternating pairs). Never at the exit of a long
-// run: by then V8 has dropped the bytecode of start-up code it no longer uses, and a cache without it
-// made every later start slower than no cache at all (measured: `--version` 0.37 -> 0.64 s after a
-// cache written at the exit of a 20,000-file sync). Set before the program runs: its exit comes first.
+const usable = cachedData !== undefined && !script.cachedDataRejected
+// A client's cache holds what a run compiled before it was written: written as soon as the top level had
+// run, it lacked all a sync runs (connecting, walking, comparing), which every later run then compiled
+// anew (a no-change `once` measured 25–90 ms slower; 12 alternating pairs). So it is written at the exit
+// of a run shorter than CACHE_AFTER_MS, and never at the exit of a longer one: by then V8 has dropped the
+// bytecode of start-up code it no longer uses, and a cache without it made every later start slower than
+// no cache at all (measured: `--version` 0.37 -> 0.64 s after a cache written at the exit of a
+// 20,000-file sync). A long first run (an initial sync, a live session) writes one CACHE_AFTER_MS into
+// it instead; it lacks what a no-change run does at its end (no-change runs 520–620 ms with it, 420–515
+// with a whole one), so the next short run, which starts from it, writes a whole one at its exit: all
+// it compiled, and all it loaded from the mid-run cache. Set before the program runs: its exit comes first.
 const CACHE_AFTER_MS = Number(process.env.SICKSYNC_CACHE_AFTER_MS) || 2000
-if (writeWanted && !daemonSide) {
+if (cacheFile !== undefined && !daemonSide && !(usable && whole !== undefined)) {
   let written = false
-  const writeOnce = () => {
-    if (written) return
+  process.once("exit", () => {
+    if (written || performance.now() >= CACHE_AFTER_MS) return
     written = true
-    writeCache(script)
+    writeCache(script, cacheFile)
+  })
+  if (!usable) {
+    setTimeout(() => {
+      if (written) return
+      written = true
+      // (one V8 refused is replaced, as a missing one is written)
+      writeCache(script, whole === undefined ? midRunFile : cacheFile)
+    }, CACHE_AFTER_MS).unref()
   }
-  process.once("exit", writeOnce)
-  setTimeout(writeOnce, CACHE_AFTER_MS).unref()
 }
 script.runInThisContext()(module.exports, require, module, filename, path.dirname(filename), import.meta.url)
-if (writeWanted && daemonSide) writeCache(script)
+if (cacheFile !== undefined && daemonSide && !usable) writeCache(script, cacheFile)
