@@ -114,6 +114,14 @@ describe("the launcher's code cache", () => {
     fs.utimesSync(file, old, old)
     versionWith(cache)
     expect(fs.statSync(file).mtimeMs).toBe(old.getTime())
+    // However old, this build's caches stay when another is written: its daemon's is rewritten only when refused.
+    const daemons = path.join(dir, mine!.replace("-v8-", "-daemon-v8-"))
+    writeFile(daemons, "")
+    fs.utimesSync(daemons, old, old)
+    fs.writeFileSync(file, Buffer.alloc(4096, 7))
+    versionWith(cache)
+    expect(fs.statSync(file).size).toBeGreaterThan(100_000)
+    expect(fs.existsSync(daemons)).toBe(true)
   })
 
   it("the daemon's is its own, written as it starts, and not again when it ends (a long run's exit leaves a poorer cache)", async () => {
@@ -171,7 +179,7 @@ describe("the launcher's code cache", () => {
     expect(sizeAfter(["info"])).toBeGreaterThan(sizeAfter(["--version"]) + 20_000)
   })
 
-  it("a long-running client writes its own a moment into the run, and not again when it ends; the next short run writes a whole one", async () => {
+  it("a long-running client writes its own a moment into the run (in place of one V8 refused), not again when it ends; the next short run writes a whole one", async () => {
     const project = tmp()
     const cache = tmp()
     writeFile(
@@ -179,18 +187,24 @@ describe("the launcher's code cache", () => {
       JSON.stringify({ project: "p", destinations: [{ name: "d", hostname: "localhost", destinationLocation: path.join(tmp(), "dest"), transport: "local", websocketPort: 0 }] })
     )
     const home = tmp()
+    const dir = path.join(cache, "sicksync")
+    const mine = () => (fs.existsSync(dir) ? cachesIn(dir).filter((name) => !name.includes("-daemon-")) : [])
+    // A whole cache V8 refuses (a corrupt one here; another V8's flags would do the same) is as good as none.
+    versionIn({ HOME: home, XDG_CACHE_HOME: cache })
+    const refused = path.join(dir, mine()[0]!)
+    fs.writeFileSync(refused, Buffer.alloc(4096, 7))
     const client = spawn(process.execPath, [BIN], {
       cwd: project,
       env: { ...process.env, HOME: home, XDG_CACHE_HOME: cache, SICKSYNC_CACHE_AFTER_MS: "300" },
       stdio: "ignore"
     })
     const exited = new Promise((resolve) => client.once("exit", resolve))
-    const dir = path.join(cache, "sicksync")
-    const mine = () => (fs.existsSync(dir) ? cachesIn(dir).filter((name) => !name.includes("-daemon-")) : [])
     try {
       const daemons = () => (fs.existsSync(dir) ? cachesIn(dir).filter((name) => name.includes("-daemon-")) : [])
+      const midRun = () => mine().filter((name) => name.endsWith("-midrun.v8"))
       const deadline = Date.now() + 20_000
-      while ((mine().length === 0 || daemons().length === 0) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 25))
+      while ((midRun().length === 0 || daemons().length === 0) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 25))
+      expect(fs.existsSync(refused)).toBe(false)
       // Written while the client runs; the local daemon it started has its own beside it.
       expect(daemons()).toHaveLength(1)
       expect(client.exitCode).toBe(null)

@@ -702,7 +702,7 @@ describe("pipelined operations, applied concurrently", () => {
       const fast = decodeClientMessageFast(text)
       const schema = decodeClientMessage(text)
       expect(fast._tag, text).toBe(schema._tag)
-      if (fast._tag === "Right" && schema._tag === "Right") expect({ ...fast.right }, text).toEqual({ ...schema.right })
+      if (fast._tag === "Right" && schema._tag === "Right") expect(fast.right, text).toStrictEqual(schema.right)
     }
     expect(decodeClientMessageFast("{not json")._tag).toBe("Left")
   })

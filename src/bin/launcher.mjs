@@ -62,6 +62,8 @@ const writeCache = (script, file) => {
         if (e.code !== "EEXIST") throw e
       }
     }
+    // A mid-run cache is not written beside a whole one that another run has written meanwhile.
+    if (file === midRunFile && fs.existsSync(cacheFile)) return
     const temp = `${file}.${process.pid}.tmp`
     // Opened before the cache is serialized: where it cannot be written, a start pays nothing for it.
     const fd = fs.openSync(temp, "w", 0o600)
@@ -71,17 +73,20 @@ const writeCache = (script, file) => {
       fs.closeSync(fd)
     }
     fs.renameSync(temp, file)
-    // A whole cache replaces the one written mid-run. Caches of other builds go once they have not been
-    // rewritten for a month (one still in use is then written again), and temp files of writes cut
-    // short after an hour.
-    if (file === cacheFile) fs.rmSync(midRunFile, { force: true })
+    // This build's caches (a client's, its mid-run one, the daemon's) stay, but for a mid-run one now
+    // that a whole one is written. Other builds' go once they have not been rewritten for a month (one
+    // still in use is then written again), and temp files of writes cut short after an hour.
     const now = Date.now()
     for (const name of fs.readdirSync(cacheDir)) {
       const other = path.join(cacheDir, name)
-      const age = now - fs.statSync(other).mtimeMs
-      const ours = other === cacheFile || other === midRunFile
-      const stale = name.endsWith(".v8") ? !ours && age > 30 * 24 * 3600 * 1000 : name.endsWith(".tmp") && age > 3600 * 1000
-      if (stale) fs.rmSync(other, { force: true })
+      try {
+        const stale = name.endsWith(".v8")
+          ? name.startsWith(`${KEY}-`) ? other === midRunFile && file === cacheFile : now - fs.statSync(other).mtimeMs > 30 * 24 * 3600 * 1000
+          : name.endsWith(".tmp") && now - fs.statSync(other).mtimeMs > 3600 * 1000
+        if (stale) fs.rmSync(other, { force: true })
+      } catch {
+        // removed meanwhile, by another run's cleanup
+      }
     }
   } catch {
     // No cache (read-only home, full disk): the next start compiles again, nothing worse.
@@ -108,19 +113,24 @@ const usable = cachedData !== undefined && !script.cachedDataRejected
 const CACHE_AFTER_MS = Number(process.env.SICKSYNC_CACHE_AFTER_MS) || 2000
 if (cacheFile !== undefined && !daemonSide && !(usable && whole !== undefined)) {
   let written = false
-  process.once("exit", () => {
-    if (written || performance.now() >= CACHE_AFTER_MS) return
+  const write = (short) => {
+    if (written) return
     written = true
-    writeCache(script, cacheFile)
-  })
-  if (!usable) {
-    setTimeout(() => {
-      if (written) return
-      written = true
-      // (one V8 refused is replaced, as a missing one is written)
-      writeCache(script, whole === undefined ? midRunFile : cacheFile)
-    }, CACHE_AFTER_MS).unref()
+    if (short) return writeCache(script, cacheFile)
+    if (usable) return
+    // A whole cache V8 refused goes too: a short run writes the next whole one from this mid-run one.
+    if (whole !== undefined) {
+      try {
+        fs.rmSync(cacheFile, { force: true })
+      } catch {
+        return
+      }
+    }
+    writeCache(script, midRunFile)
   }
+  process.once("exit", () => write(performance.now() < CACHE_AFTER_MS))
+  // Timed from the process's start, as the exit is: a run ending at any moment writes one or the other.
+  if (!usable) setTimeout(() => write(false), Math.max(0, CACHE_AFTER_MS - performance.now())).unref()
 }
 script.runInThisContext()(module.exports, require, module, filename, path.dirname(filename), import.meta.url)
 if (cacheFile !== undefined && daemonSide && !usable) writeCache(script, cacheFile)

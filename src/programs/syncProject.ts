@@ -449,8 +449,8 @@ export const makeDestinationWorker = (
     const apply = (session: Session, batch: Map<string, ChangeKind>) =>
       Effect.gen(function* () {
         const unapplied = new Map(batch)
-        // Parents before children; a removed directory takes its contents with it. One pass, no copies:
-        // a big sync's batch is tens of thousands of paths, all sorted before the first is sent.
+        // Parents before children; a removed directory takes its contents with it. Plain loops: a big
+        // sync's batch is tens of thousands of paths, all sorted before the first is sent.
         const removed = new Set<string>()
         for (const [p, kind] of batch) if (kind === "remove") removed.add(p)
         const coveredByRemoval = (p: string) => {
