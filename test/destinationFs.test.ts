@@ -238,6 +238,33 @@ describe("one-go writes, modes and the verified-directory cache", () => {
       expect(fs.readdirSync(root).sort()).toEqual(["link", "tree"])
     }))
 
+  it.scoped("writeFile replaces a file in place with the new content, mode and mtime, leaving no temp file", () =>
+    Effect.gen(function*() {
+      const { api, root } = yield* setup
+      yield* writeOnce(api, root, "r/f", [Buffer.from("old content")], 0o600, Date.now())
+      const mtime = Date.UTC(2017, 3, 4, 5, 6, 7, 89)
+      yield* writeOnce(api, root, "r/f", [Buffer.from("new")], 0o755, mtime)
+      const st = stat(path.join(root, "r/f"))
+      expect({ content: fs.readFileSync(path.join(root, "r/f"), "utf8"), mode: st.mode & 0o7777 }).toEqual({ content: "new", mode: 0o755 })
+      expect(Math.abs(st.mtimeMs - mtime)).toBeLessThan(1)
+      expect(fs.readdirSync(path.join(root, "r"))).toEqual(["f"])
+    }))
+
+  it.scoped("remove takes small and big files, a symlink (not what it points to), a tree; a missing path is fine", () =>
+    Effect.gen(function*() {
+      const { api, outside, root } = yield* setup
+      fs.writeFileSync(path.join(root, "small"), "x")
+      fs.writeFileSync(path.join(root, "big"), Buffer.alloc(3 * 1024 * 1024, 1)) // past the synchronous unlink's size
+      fs.mkdirSync(path.join(outside, "dir"))
+      fs.writeFileSync(path.join(outside, "dir/keep"), "keep")
+      fs.symlinkSync(path.join(outside, "dir"), path.join(root, "link"))
+      fs.mkdirSync(path.join(root, "tree/sub"), { recursive: true })
+      fs.writeFileSync(path.join(root, "tree/sub/x"), "x")
+      for (const p of ["small", "big", "link", "tree", "missing", "tree/gone/too"]) yield* api.remove(root, p)
+      expect(fs.readdirSync(root)).toEqual([])
+      expect(fs.readFileSync(path.join(outside, "dir/keep"), "utf8")).toBe("keep")
+    }))
+
   it.scoped("mkdir gives the exact mode and mtime to new and existing directories", () =>
     Effect.gen(function*() {
       const { api, root } = yield* setup

@@ -262,6 +262,8 @@ const writeAll = async (fd: number, chunks: ReadonlyArray<Uint8Array>): Promise<
 
 const toSeconds = (ms: number) => ms / 1000
 
+/** Files up to this size are removed with a synchronous unlink. */
+const SYNC_UNLINK_BYTES = 1024 * 1024
 /** Files up to this size are written with synchronous calls (see `writeSmallSync`). */
 const SYNC_WRITE_BYTES = 64 * 1024
 const O_TEMP = fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXCL | fs.constants.O_NOFOLLOW
@@ -426,6 +428,20 @@ export const make = (options: { readonly home: string }): DestinationFsApi => {
 
   /** Removes whatever is at `p` (file, symlink or tree); missing is fine. Never follows `p` itself. */
   const removeAny = async (p: string) => {
+    // A file or a symlink, nearly every removal, goes at once: on the thread pool, an unlink cost the
+    // main thread ~80 µs here (waking a pool thread), the call itself ~10. Freeing a big file's blocks
+    // may take long: those, and directories, take the asynchronous way.
+    const seen = syncStep("lstat", p, () => lstatSyncOrUndefined(p))
+    if (seen === undefined) return
+    if (!seen.isDirectory() && seen.size <= SYNC_UNLINK_BYTES) {
+      try {
+        fs.unlinkSync(p)
+        return
+      } catch (e) {
+        if (errnoCode(e) === "ENOENT") return
+        // replaced meanwhile (by a directory, say): below
+      }
+    }
     try {
       await unlinkP(p)
       return
@@ -573,7 +589,17 @@ export const make = (options: { readonly home: string }): DestinationFsApi => {
         fs.unlinkSync(tempPath)
         return
       } catch {
-        // replaced below
+        // there already
+      }
+      // A file replaced: renamed over at once all the same. ext4's flush of the new data then costs
+      // ~40 µs more for 10 KB (measured: 89 against 49 µs a file), about what an asynchronous rename
+      // costs the main thread here (~40 µs, waking a pool thread); elsewhere it is far cheaper (6 µs on
+      // tmpfs). Anything else in the way (a directory) is the asynchronous path's.
+      try {
+        fs.renameSync(tempPath, target)
+        return
+      } catch {
+        // below
       }
       return await replaceWith(tempPath, target).catch(async (e) => {
         await unlinkP(tempPath).catch(noop)
