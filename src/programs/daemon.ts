@@ -1085,15 +1085,17 @@ const operations = (chan: Channel, ctx: SessionContext, root: string) =>
     }
 
     /** An operation that is one filesystem call and a reply. */
-    const simple = (seq: number, keys: ReadonlyArray<string>, op: () => Effect.Effect<void, DestinationError>) => {
+    const simple = (seq: number, keys: ReadonlyArray<string>, op: () => Promise<Either.Either<void, DestinationError>>) => {
       const slot = ordering.enter(keys)
       dispatch(slot, async () => {
         await turn(slot)
         started(slot)
-        const result = await work(() => fsCall(op()))
+        const result = await work(op)
         if (result !== STOPPED) replyWith(seq, result)
       })
     }
+    const settled = (done: Promise<void>) =>
+      done.then(() => Either.right(undefined), (error: DestinationError) => Either.left(error))
 
     /** The frame loop gives up on a write that is not complete: its chain cleans up and replies. */
     const failWrite = (w: PendingWrite, code: OpErrorCode, message: string) => {
@@ -1307,13 +1309,13 @@ const operations = (chan: Channel, ctx: SessionContext, root: string) =>
           return startWrite({ seq, path: p, files: undefined, oneByOne: false, size, mode, mtime }, keysOf(p))
         }
         case "Mkdir":
-          return simple(seq, keysOf(message.path), () => fsApi.mkdir(root, message.path, message.mode, message.mtime))
+          return simple(seq, keysOf(message.path), () => settled(fsApi.mkdirNow(root, message.path, message.mode, message.mtime)))
         case "Remove":
-          return simple(seq, keysOf(message.path), () => fsApi.remove(root, message.path))
+          return simple(seq, keysOf(message.path), () => settled(fsApi.removeNow(root, message.path)))
         case "Rename":
-          return simple(seq, keysOf(message.from, message.to), () => fsApi.rename(root, message.from, message.to))
+          return simple(seq, keysOf(message.from, message.to), () => fsCall(fsApi.rename(root, message.from, message.to)))
         case "Symlink":
-          return simple(seq, keysOf(message.path), () => fsApi.symlink(root, message.path, message.target, message.mtime))
+          return simple(seq, keysOf(message.path), () => fsCall(fsApi.symlink(root, message.path, message.target, message.mtime)))
         case "ListManifest": {
           // the whole tree: after every earlier operation, before every later one
           const slot = ordering.enter([""])

@@ -141,6 +141,13 @@ export interface DestinationFsApi {
   ) => Promise<void>
   readonly mkdir: (root: string, rel: string, mode: number, mtimeMs?: number) => Effect.Effect<void, DestinationError>
   readonly remove: (root: string, rel: string) => Effect.Effect<void, DestinationError>
+  /**
+   * `mkdir` and `remove` as promises, rejected with a `DestinationError` only: the daemon's path for
+   * them, as `writeFile` is for small files. A fiber and a span each cost its busiest thread ~25 µs
+   * an operation: 50 ms of an initial sync's 2,000 directories (measured), on top of the calls.
+   */
+  readonly mkdirNow: (root: string, rel: string, mode: number, mtimeMs?: number) => Promise<void>
+  readonly removeNow: (root: string, rel: string) => Promise<void>
   readonly rename: (root: string, from: string, to: string) => Effect.Effect<void, DestinationError>
   readonly symlink: (root: string, rel: string, linkTarget: string, mtimeMs?: number) => Effect.Effect<void, DestinationError>
   /** Walks the root with lstat (symlinks not followed), skipping our temp files. */
@@ -652,8 +659,8 @@ export const make = (options: { readonly home: string }): DestinationFsApi => {
       return { target, tempPath, write, writeChunks, commit } satisfies WriteHandle
     })
 
-  const mkdir = Effect.fn("DestinationFs.mkdir")(function*(root: string, rel: string, mode: number, mtimeMs?: number) {
-    return yield* run("mkdir", rel, async () => {
+  const mkdirNow = (root: string, rel: string, mode: number, mtimeMs?: number) =>
+    (async () => {
       const segments = segmentsOrThrow(root, rel, true)
       if (segments.length === 0) return // the root exists already
       const gen = generation
@@ -693,16 +700,22 @@ export const make = (options: { readonly home: string }): DestinationFsApi => {
           await fh.close()
         }
       })())
-    })
-  })
+    })().catch((cause) => Promise.reject(asDestinationError("mkdir", rel)(cause)))
 
-  const remove = Effect.fn("DestinationFs.remove")(function*(root: string, rel: string) {
-    return yield* run("remove", rel, async () => {
+  const removeNow = (root: string, rel: string) =>
+    (async () => {
       const segments = segmentsOrThrow(root, rel, false)
       const parent = await resolveParent(root, rel, segments, false)
       if (parent === undefined) return
       await removeAny(parent + "/" + segments[segments.length - 1]!)
-    })
+    })().catch((cause) => Promise.reject(asDestinationError("remove", rel)(cause)))
+
+  const mkdir = Effect.fn("DestinationFs.mkdir")(function*(root: string, rel: string, mode: number, mtimeMs?: number) {
+    return yield* run("mkdir", rel, () => mkdirNow(root, rel, mode, mtimeMs))
+  })
+
+  const remove = Effect.fn("DestinationFs.remove")(function*(root: string, rel: string) {
+    return yield* run("remove", rel, () => removeNow(root, rel))
   })
 
   const rename = Effect.fn("DestinationFs.rename")(function*(root: string, from: string, to: string) {
@@ -835,6 +848,8 @@ export const make = (options: { readonly home: string }): DestinationFsApi => {
     confine,
     openWrite,
     writeFile,
+    mkdirNow,
+    removeNow,
     mkdir,
     remove,
     rename,
