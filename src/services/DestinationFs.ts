@@ -240,9 +240,6 @@ const mkdirSyncIfAbsent = (p: string, mode: number): boolean => {
   }
 }
 
-const ignoreMissing = <A>(p: Promise<A>): Promise<A | undefined> =>
-  p.catch((e) => (errnoCode(e) === "ENOENT" ? undefined : Promise.reject(e)))
-
 const noop = () => undefined
 
 /** Writes every byte of `chunks` at the file's current offset (writev; partial writes are resumed). */
@@ -435,33 +432,27 @@ export const make = (options: { readonly home: string }): DestinationFsApi => {
 
   /** Removes whatever is at `p` (file, symlink or tree); missing is fine. Never follows `p` itself. */
   const removeAny = async (p: string) => {
-    // A file or a symlink, nearly every removal, goes at once: on the thread pool, an unlink cost the
-    // main thread ~80 µs here (waking a pool thread), the call itself ~10. Freeing a big file's blocks
-    // may take long: those, and directories, take the asynchronous way.
     const seen = syncStep("lstat", p, () => lstatSyncOrUndefined(p))
     if (seen === undefined) return
-    if (!seen.isDirectory() && seen.size <= SYNC_UNLINK_BYTES) {
+    if (!seen.isDirectory()) {
       try {
-        fs.unlinkSync(p)
+        // A file or a symlink, nearly every removal, goes at once: on the thread pool, an unlink cost
+        // the main thread ~80 µs here (waking a pool thread), the call itself ~10. Freeing a big file's
+        // blocks may take long: those take the asynchronous way.
+        if (seen.size <= SYNC_UNLINK_BYTES) fs.unlinkSync(p)
+        else await unlinkP(p)
         return
       } catch (e) {
-        if (errnoCode(e) === "ENOENT") return
-        // replaced meanwhile (by a directory, say): below
+        const code = errnoCode(e)
+        if (code === "ENOENT") return
+        // a directory put there meanwhile: EISDIR on Linux, EPERM on macOS and the BSDs
+        if (code !== "EISDIR" && code !== "EPERM") throw ioError("unlink", p, e)
+        const now = syncStep("lstat", p, () => lstatSyncOrUndefined(p))
+        if (now === undefined) return
+        if (!now.isDirectory()) throw ioError("unlink", p, e)
       }
     }
-    try {
-      await unlinkP(p)
-      return
-    } catch (e) {
-      const code = errnoCode(e)
-      if (code === "ENOENT") return
-      // a directory: EISDIR on Linux, EPERM on macOS and the BSDs
-      if (code !== "EISDIR" && code !== "EPERM") throw ioError("unlink", p, e)
-    }
-    const st = await step("lstat", p, lstatOrUndefined(p))
-    if (st === undefined) return
-    if (!st.isDirectory()) await step("unlink", p, ignoreMissing(unlinkP(p)))
-    else await removeTree(p)
+    await removeTree(p)
   }
 
   /** rename(2) `from` over `target`; a directory tree in the way is removed first (rename would refuse it). */
