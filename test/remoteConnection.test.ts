@@ -3,6 +3,8 @@
  * records every frame it receives and answers as each test says.
  */
 import { Effect, Either, Exit } from "effect"
+import * as net from "node:net"
+import { Duplex } from "node:stream"
 import { afterEach, describe, expect, it } from "vitest"
 import { type WebSocket, WebSocketServer } from "ws"
 import { CHUNK_HEADER_BYTES, decodeChunk, MAX_BATCH_FILES, PROTOCOL_VERSION, WINDOW_BYTES } from "../src/schemas/Protocol.js"
@@ -63,14 +65,17 @@ const small = (path: string, content: Buffer | SourceChanged, mode = 0o644): Fil
 const withSession = async <A>(
   answer: Answer,
   body: (session: Session) => Effect.Effect<A, unknown>,
-  onBytes?: (bytes: number) => void
+  onBytes?: (bytes: number) => void,
+  createConnection?: (port: number) => Duplex
 ) => {
   const script = { current: answer }
   const daemon = await scriptedDaemon(script, onBytes)
+  const port = Number(new URL(daemon.endpoint.url).port)
+  const endpoint = createConnection === undefined ? daemon.endpoint : { ...daemon.endpoint, createConnection: () => createConnection(port) }
   const result = await Effect.runPromise(
     Effect.scoped(
       Effect.gen(function* () {
-        const link = yield* openLink("scripted", daemon.endpoint)
+        const link = yield* openLink("scripted", endpoint)
         const session = yield* link.open(testDestination("d"), testProject("/p"))
         // a reply that never comes fails the test at once, not at its timeout
         return yield* body(session).pipe(Effect.timeout("5 seconds"))
@@ -229,5 +234,59 @@ describe("batched small files", () => {
     const bytes = Buffer.concat(received.flatMap((r) => ("text" in r ? [] : [r.payload])))
     const expected = Buffer.concat([...many, ...large].map((_, i) => (i < many.length ? Buffer.alloc(10, i) : Buffer.alloc(200 * 1024, i - many.length))))
     expect(bytes.equals(expected)).toBe(true)
+  })
+
+  it("a batch's buffer is filled again only once the socket is done with it", async () => {
+    // A socket that keeps each write for a while (as one full of unsent data does) and only then passes
+    // it on and says it is written: a buffer filled again before that would go out with other bytes.
+    const holdingSocket = (port: number): Duplex => {
+      const real = net.connect(port, "127.0.0.1")
+      const held: Array<{ readonly chunk: Buffer; readonly done: () => void }> = []
+      const release = () => {
+        for (const { chunk, done } of held.splice(0)) {
+          real.write(chunk)
+          done()
+        }
+      }
+      const socket = new Duplex({
+        writev(chunks, done) {
+          held.push({ chunk: Buffer.concat(chunks.map((c) => c.chunk as Buffer)), done })
+          if (held.length === 1) setTimeout(release, 5)
+        },
+        read() {},
+        final(done) {
+          real.end()
+          done()
+        },
+        destroy(error, done) {
+          real.destroy()
+          done(error)
+        }
+      })
+      real.on("data", (data) => socket.push(data))
+      real.on("end", () => socket.push(null))
+      real.on("error", (error) => socket.destroy(error))
+      return Object.assign(socket, { setNoDelay: () => socket, setTimeout: () => socket, setKeepAlive: () => socket, ref: () => socket, unref: () => socket })
+    }
+    // Several files to a buffer, and more buffers than are kept for reuse, in several rounds.
+    const files = Array.from({ length: 400 }, (_, i) => small(`f${i}`, Buffer.alloc(60 * 1024 + i, i % 251)))
+    const ackAndCredit: Answer = (m, reply) => {
+      reply({ _tag: "Credit", ch: m.ch, bytes: m.files.reduce((n: number, f: { size: number }) => n + f.size, 0) })
+      reply({ _tag: "Ack", ch: m.ch, seq: m.seq, count: m.files.length })
+    }
+    const { received } = await withSession(
+      ackAndCredit,
+      (session) =>
+        Effect.gen(function* () {
+          for (let round = 0; round < 4; round++) {
+            const acks = yield* Effect.forEach(files.slice(round * 100, (round + 1) * 100), (f) => session.writeSmall!(f))
+            yield* Effect.all(acks.map((a) => a.wait))
+          }
+        }),
+      undefined,
+      holdingSocket
+    )
+    const bytes = Buffer.concat(received.flatMap((r) => ("text" in r ? [] : [r.payload])))
+    expect(bytes.equals(Buffer.concat(files.map((_, i) => Buffer.alloc(60 * 1024 + i, i % 251))))).toBe(true)
   })
 })
