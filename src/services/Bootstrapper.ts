@@ -38,6 +38,7 @@ import {
   parseKnownHosts,
   verifyHostKey
 } from "./ssh/KnownHosts.js"
+import { makePacketBuffers, reusePacketBuffers } from "./ssh/packetPool.js"
 import { resolveTarget, type SshTarget, tildify } from "./ssh/SshTarget.js"
 
 // ---- errors -----------------------------------------------------------------------------------
@@ -327,6 +328,7 @@ export const make = (options: BootstrapperOptions) =>
     const uploadTimeout = Duration.decode(options.uploadTimeout ?? "120 seconds")
     const startTimeout = Duration.decode(options.startTimeout ?? "30 seconds")
     const connections = new Map<string, Slot>()
+    const packets = makePacketBuffers()
 
     if (!/^[0-9A-Za-z.+-]+$/.test(VERSION)) return yield* Effect.dieMessage(`unexpected version string ${VERSION}`)
     const agentRel = `.sicksync/agents/${VERSION}/sicksync.mjs`
@@ -485,7 +487,10 @@ export const make = (options: BootstrapperOptions) =>
             settled = true
             resume(outcome)
           }
-          client.on("ready", () => settle(Effect.succeed(client)))
+          client.on("ready", () => {
+            reusePacketBuffers(client, packets)
+            settle(Effect.succeed(client))
+          })
           client.on("error", (error: Error & { level?: string; code?: string }) => {
             if (settled) return onDead()
             // ssh2 reports an unusable agent or key and then goes on with the next method.

@@ -11,6 +11,7 @@ import { Context, Data, Deferred, Duration, Effect, FiberId, Layer, RcMap, type 
 import { randomUUID } from "node:crypto"
 import WebSocket from "ws"
 import type { ResolvedDestination, ResolvedProject } from "../schemas/ConfigFile.js"
+import { type BufferPool, makeBufferPool } from "./bufferPool.js"
 import { ConnectError, DaemonLocator, type Endpoint } from "./DaemonLocator.js"
 import {
   Abort,
@@ -147,8 +148,11 @@ export interface SessionOptions {
 
 /** A new batch buffer's size, unless its first file needs more. */
 const BATCH_BUFFER_BYTES = CHUNK_HEADER_BYTES + 256 * 1024
-/** Written batch buffers kept for reuse, per channel (the credit window holds ~32 in flight). */
-const IDLE_BATCH_BUFFERS = 8
+/** Written batch buffers kept for reuse: a channel's credit window holds 32 in flight (8 MiB kept at most). */
+const IDLE_BATCH_BUFFERS = 32
+
+/** Batch buffers for one link (the service shares one among all its links). */
+export const makeBatchBuffers = (): BufferPool => makeBufferPool(BATCH_BUFFER_BYTES, IDLE_BATCH_BUFFERS)
 
 /** A buffer batches are cut from, one after another. */
 interface BatchBuffer {
@@ -216,7 +220,8 @@ export interface Link {
 export const openLink = (
   label: string,
   endpoint: Endpoint,
-  options: SessionOptions = defaults
+  options: SessionOptions = defaults,
+  batchBuffers: BufferPool = makeBatchBuffers()
 ): Effect.Effect<Link, ConnectError, Scope.Scope> =>
   Effect.gen(function* () {
     const channels = new Map<number, ChannelHandler>()
@@ -412,22 +417,17 @@ export const openLink = (
        * buffer of its own while the socket still has it.
        */
       let spare: { readonly buffer: BatchBuffer; readonly offset: number } | undefined
-      /**
-       * Buffers of `BATCH_BUFFER_BYTES` whose frames have all been written, to fill again: a buffer
-       * written from a moment ago is still in the processor's caches, a fresh one is not (and may be
-       * memory the process never touched), and 200 MB of fresh buffers made V8 start 4–5 full collections
-       * for "external memory pressure" in an initial sync (2 with reuse). ~0.15 s less client CPU.
-       */
-      const idleBuffers: Array<Buffer> = []
+      // Batch buffers come from the pool and go back once written (in an initial sync of 200 MB,
+      // fresh ones made V8 start 4–5 full collections for "external memory pressure", and cost the
+      // client ~0.15 s of CPU).
       const takeBuffer = (needs: number): BatchBuffer => ({
-        bytes: needs <= BATCH_BUFFER_BYTES && idleBuffers.length > 0 ? idleBuffers.pop()! : Buffer.allocUnsafe(Math.max(BATCH_BUFFER_BYTES, needs)),
+        bytes: needs <= batchBuffers.size ? batchBuffers.take() : Buffer.allocUnsafeSlow(needs),
         unwritten: 0,
         current: true
       })
       /** Gives `buffer` back once nothing more is cut from it and the socket is done with all that was. */
       const mayRecycle = (buffer: BatchBuffer) => {
-        if (buffer.current || buffer.unwritten > 0) return
-        if (buffer.bytes.byteLength === BATCH_BUFFER_BYTES && idleBuffers.length < IDLE_BATCH_BUFFERS) idleBuffers.push(buffer.bytes)
+        if (!buffer.current && buffer.unwritten === 0) batchBuffers.give(buffer.bytes)
       }
 
       const loseChannel = (message: string) => {
@@ -725,6 +725,7 @@ export const make = (options: SessionOptions = defaults) =>
     const generations = new Map<string, number>()
     /** The destination a key's link is located with: any of those sharing it will do. */
     const locateWith = new Map<string, ResolvedDestination>()
+    const batchBuffers = makeBatchBuffers()
     const keyOf = (base: string) => `${generations.get(base) ?? 0}:${base}`
     const retire = (key: string) =>
       Effect.sync(() => {
@@ -737,7 +738,7 @@ export const make = (options: SessionOptions = defaults) =>
         Effect.gen(function* () {
           const dest = locateWith.get(key)!
           const endpoint = yield* locator.locate(dest)
-          const link = yield* openLink(dest.hostname, endpoint, options)
+          const link = yield* openLink(dest.hostname, endpoint, options, batchBuffers)
           yield* Effect.forkScoped(Effect.zipRight(link.closed, retire(key)))
           return link
         }).pipe(Effect.tapError(() => retire(key)))

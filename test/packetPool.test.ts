@@ -1,0 +1,161 @@
+/**
+ * ssh2's packets from a pool (src/services/ssh/packetPool.ts): the layout agrees with ssh2's own,
+ * other ciphers are left alone, and over a real sshd every byte arrives although each write is held
+ * (and its buffer owed) for a while.
+ */
+import { createHash, randomBytes } from "node:crypto"
+import * as fs from "node:fs"
+import * as net from "node:net"
+import * as os from "node:os"
+import * as path from "node:path"
+import { Duplex } from "node:stream"
+import { Client } from "ssh2"
+import { afterAll, beforeAll, describe, expect, it } from "vitest"
+import { type BufferPool } from "../src/services/bufferPool.js"
+import { gcmLayout, makePacketBuffers, reusePacketBuffers } from "../src/services/ssh/packetPool.js"
+import { prepareClientHome, type Sshd, startSshd } from "./support/sshd.js"
+
+// eslint-disable-next-line @typescript-eslint/no-require-imports
+const { CIPHER_INFO, createCipher, MAC_INFO } = require("ssh2/lib/protocol/crypto.js") as {
+  CIPHER_INFO: Record<string, { keyLen: number; ivLen: number; authLen: number }>
+  MAC_INFO: Record<string, { len: number }>
+  createCipher: (config: unknown) => { allocPacket: (payloadLen: number) => Buffer }
+}
+
+const cipherOf = (name: string) => {
+  const info = CIPHER_INFO[name]!
+  // a cipher without its own authentication comes with a MAC
+  const mac = info.authLen > 0 ? undefined : MAC_INFO["hmac-sha2-256"]!
+  return createCipher({
+    outbound: {
+      seqno: 0,
+      onWrite: () => undefined,
+      cipherInfo: info,
+      cipherKey: randomBytes(info.keyLen),
+      cipherIV: randomBytes(info.ivLen),
+      macInfo: mac,
+      macKey: mac === undefined ? undefined : randomBytes(mac.len)
+    }
+  })
+}
+
+/** A socket stand-in for `reusePacketBuffers`: records writes and never calls back. */
+const fakeClient = (cipher: { allocPacket: (payloadLen: number) => Buffer }) => ({
+  _protocol: { _cipher: cipher },
+  _sock: Object.assign(new Duplex({ read() {}, write(_chunk, _encoding, _done) {} })),
+  on: () => undefined
+})
+
+describe("the packet layout", () => {
+  it("is ssh2's own for AES-GCM, at every payload size up to a full channel packet", () => {
+    const cipher = cipherOf("aes128-gcm@openssh.com")
+    for (let n = 0; n <= 32777; n += n < 300 ? 1 : 97) {
+      const theirs = cipher.allocPacket(n)
+      const { packetLength, padding, total } = gcmLayout(n)
+      expect([theirs.byteLength, theirs.readUInt32BE(0), theirs[4]]).toEqual([total, packetLength - 4, padding])
+    }
+  })
+
+  it("another cipher keeps ssh2's allocation", () => {
+    for (const name of ["chacha20-poly1305@openssh.com", "aes128-ctr"]) {
+      const cipher = cipherOf(name)
+      const own = cipher.allocPacket
+      expect(reusePacketBuffers(fakeClient(cipher), makePacketBuffers())).toBe(false)
+      expect(cipher.allocPacket).toBe(own)
+    }
+  })
+})
+
+describe("over a real sshd", () => {
+  let base: string
+  let host: Sshd
+  let key: string
+  beforeAll(async () => {
+    base = fs.mkdtempSync(path.join(os.tmpdir(), "sicksync-packets-"))
+    host = await startSshd({ dir: path.join(base, "host") })
+    const pair = prepareClientHome(path.join(base, "client"), [host.knownHostsLine()])
+    host.authorize(pair.publicKey)
+    key = fs.readFileSync(pair.privatePath, "utf8")
+  })
+  afterAll(async () => {
+    await host?.stop()
+    fs.rmSync(base, { recursive: true, force: true })
+  })
+
+  /**
+   * A socket that keeps each write for a while, as one full of unsent data does, and only then passes
+   * it on and says it is written: a packet buffer filled again before that would go out changed, and
+   * sshd would drop the connection on its first bad MAC.
+   */
+  const holdingSocket = (port: number) => {
+    const real = net.connect(port, "127.0.0.1")
+    const held: Array<{ readonly chunk: Buffer; readonly done: () => void }> = []
+    const release = () => {
+      for (const { chunk, done } of held.splice(0)) {
+        real.write(chunk)
+        done()
+      }
+    }
+    const socket = new Duplex({
+      writev(chunks, done) {
+        held.push({ chunk: Buffer.concat(chunks.map((c) => c.chunk as Buffer)), done })
+        if (held.length === 1) setTimeout(release, 3)
+      },
+      read() {},
+      final(done) {
+        real.end()
+        done()
+      },
+      destroy(error, done) {
+        real.destroy()
+        done(error)
+      }
+    })
+    real.on("data", (data) => socket.push(data))
+    real.on("end", () => socket.push(null))
+    real.on("error", (error) => socket.destroy(error))
+    return Object.assign(socket, { setNoDelay: () => socket, setKeepAlive: () => socket, setTimeout: () => socket })
+  }
+
+  it("every byte of 24 MB arrives, through packets that are reused", async () => {
+    const data = randomBytes(24 * 1024 * 1024)
+    const pool = makePacketBuffers()
+    let given = 0
+    const counting: BufferPool = { ...pool, give: (b) => (given++, pool.give(b)) }
+    const client = new Client()
+    const adopted = await new Promise<boolean>((resolve, reject) => {
+      client.once("ready", () => resolve(reusePacketBuffers(client, counting)))
+      client.once("error", reject)
+      client.connect({
+        sock: holdingSocket(host.port) as never,
+        username: host.account.name,
+        privateKey: key,
+        algorithms: { cipher: ["aes128-gcm@openssh.com"] },
+        hostVerifier: () => true
+      })
+    })
+    try {
+      expect(adopted).toBe(true)
+      const digest = await new Promise<string>((resolve, reject) => {
+        client.exec("sha256sum", (error, stream) => {
+          if (error) return reject(error)
+          let out = ""
+          stream.on("data", (d: Buffer) => (out += d.toString()))
+          stream.on("close", () => resolve(out.split(" ")[0]!))
+          stream.on("error", reject)
+          // in pieces of many sizes, so packets of many sizes
+          for (let at = 0, i = 0; at < data.byteLength; i++) {
+            const size = Math.min(data.byteLength - at, [1, 500, 40_000, 70_000, 1_000_000][i % 5]!)
+            stream.write(data.subarray(at, at + size))
+            at += size
+          }
+          stream.end()
+        })
+      })
+      expect(digest).toBe(createHash("sha256").update(data).digest("hex"))
+      expect(given).toBeGreaterThan(100)
+    } finally {
+      client.end()
+    }
+  }, 60_000)
+})
