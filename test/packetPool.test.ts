@@ -72,7 +72,8 @@ describe("over a real sshd", () => {
   let key: string
   beforeAll(async () => {
     base = fs.mkdtempSync(path.join(os.tmpdir(), "sicksync-packets-"))
-    host = await startSshd({ dir: path.join(base, "host") })
+    // A new key exchange every megabyte: the pool must follow each new cipher.
+    host = await startSshd({ dir: path.join(base, "host"), config: ["RekeyLimit 1M"] })
     const pair = prepareClientHome(path.join(base, "client"), [host.knownHostsLine()])
     host.authorize(pair.publicKey)
     key = fs.readFileSync(pair.privatePath, "utf8")
@@ -83,22 +84,22 @@ describe("over a real sshd", () => {
   })
 
   /**
-   * A socket that keeps each write for a while, as one full of unsent data does, and only then passes
-   * it on and says it is written: a packet buffer filled again before that would go out changed, and
-   * sshd would drop the connection on its first bad MAC.
+   * A socket that keeps each write for a while, as one full of unsent data does (referring to the
+   * caller's memory, as libuv does), and only then passes it on and says it is written: a packet buffer
+   * filled again before that would go out changed, and sshd would drop the connection at its first bad MAC.
    */
   const holdingSocket = (port: number) => {
     const real = net.connect(port, "127.0.0.1")
-    const held: Array<{ readonly chunk: Buffer; readonly done: () => void }> = []
+    const held: Array<{ readonly chunks: ReadonlyArray<Buffer>; readonly done: () => void }> = []
     const release = () => {
-      for (const { chunk, done } of held.splice(0)) {
-        real.write(chunk)
+      for (const { chunks, done } of held.splice(0)) {
+        real.write(Buffer.concat(chunks))
         done()
       }
     }
     const socket = new Duplex({
       writev(chunks, done) {
-        held.push({ chunk: Buffer.concat(chunks.map((c) => c.chunk as Buffer)), done })
+        held.push({ chunks: chunks.map((c) => c.chunk as Buffer), done })
         if (held.length === 1) setTimeout(release, 3)
       },
       read() {},
@@ -117,14 +118,17 @@ describe("over a real sshd", () => {
     return Object.assign(socket, { setNoDelay: () => socket, setKeepAlive: () => socket, setTimeout: () => socket })
   }
 
-  it("every byte of 24 MB arrives, through packets that are reused", async () => {
+  it("every byte of 24 MB arrives, through packets that are reused, across key exchanges", async () => {
     const data = randomBytes(24 * 1024 * 1024)
     const pool = makePacketBuffers()
     let given = 0
-    const counting: BufferPool = { ...pool, give: (b) => (given++, pool.give(b)) }
+    // A buffer given back is spoiled at once: one still being written would send the spoiled bytes.
+    const spoiling: BufferPool = { ...pool, give: (b) => (given++, b.fill(0xee), pool.give(b)) }
+    const givenAtHandshake: Array<number> = []
     const client = new Client()
+    client.on("handshake", () => givenAtHandshake.push(given))
     const adopted = await new Promise<boolean>((resolve, reject) => {
-      client.once("ready", () => resolve(reusePacketBuffers(client, counting)))
+      client.once("ready", () => resolve(reusePacketBuffers(client, spoiling)))
       client.once("error", reject)
       client.connect({
         sock: holdingSocket(host.port) as never,
@@ -153,7 +157,11 @@ describe("over a real sshd", () => {
         })
       })
       expect(digest).toBe(createHash("sha256").update(data).digest("hex"))
-      expect(given).toBeGreaterThan(100)
+      // key exchanges every megabyte, and packets coming back between each two of them, not just before the first
+      const during = givenAtHandshake.filter((n) => n > 0)
+      expect(during.length).toBeGreaterThan(5)
+      const between = during.slice(1).map((n, i) => n - during[i]!)
+      expect(between.filter((n) => n > 0).length).toBeGreaterThan(between.length / 2)
     } finally {
       client.end()
     }

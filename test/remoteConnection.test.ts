@@ -8,7 +8,8 @@ import { Duplex } from "node:stream"
 import { afterEach, describe, expect, it } from "vitest"
 import { type WebSocket, WebSocketServer } from "ws"
 import { CHUNK_HEADER_BYTES, decodeChunk, MAX_BATCH_FILES, PROTOCOL_VERSION, WINDOW_BYTES } from "../src/schemas/Protocol.js"
-import { type FileSource, openLink, type Session, SourceChanged } from "../src/services/RemoteConnection.js"
+import { type BufferPool } from "../src/services/bufferPool.js"
+import { type FileSource, makeBatchBuffers, openLink, type Session, SourceChanged } from "../src/services/RemoteConnection.js"
 import { testDestination, testProject } from "./support/fixtures.js"
 
 type Received = { readonly text: Record<string, any> } | { readonly ch: number; readonly seq: number; readonly payload: Buffer }
@@ -66,7 +67,8 @@ const withSession = async <A>(
   answer: Answer,
   body: (session: Session) => Effect.Effect<A, unknown>,
   onBytes?: (bytes: number) => void,
-  createConnection?: (port: number) => Duplex
+  createConnection?: (port: number) => Duplex,
+  batchBuffers?: BufferPool
 ) => {
   const script = { current: answer }
   const daemon = await scriptedDaemon(script, onBytes)
@@ -75,7 +77,7 @@ const withSession = async <A>(
   const result = await Effect.runPromise(
     Effect.scoped(
       Effect.gen(function* () {
-        const link = yield* openLink("scripted", endpoint)
+        const link = yield* openLink("scripted", endpoint, undefined, batchBuffers)
         const session = yield* link.open(testDestination("d"), testProject("/p"))
         // a reply that never comes fails the test at once, not at its timeout
         return yield* body(session).pipe(Effect.timeout("5 seconds"))
@@ -237,20 +239,21 @@ describe("batched small files", () => {
   })
 
   it("a batch's buffer is filled again only once the socket is done with it", async () => {
-    // A socket that keeps each write for a while (as one full of unsent data does) and only then passes
-    // it on and says it is written: a buffer filled again before that would go out with other bytes.
+    // A socket that keeps each write for a while (as one full of unsent data does, referring to the
+    // caller's memory as libuv does) and only then passes it on and says it is written: a buffer filled
+    // again before that would go out with other bytes.
     const holdingSocket = (port: number): Duplex => {
       const real = net.connect(port, "127.0.0.1")
-      const held: Array<{ readonly chunk: Buffer; readonly done: () => void }> = []
+      const held: Array<{ readonly chunks: ReadonlyArray<Buffer>; readonly done: () => void }> = []
       const release = () => {
-        for (const { chunk, done } of held.splice(0)) {
-          real.write(chunk)
+        for (const { chunks, done } of held.splice(0)) {
+          real.write(Buffer.concat(chunks))
           done()
         }
       }
       const socket = new Duplex({
         writev(chunks, done) {
-          held.push({ chunk: Buffer.concat(chunks.map((c) => c.chunk as Buffer)), done })
+          held.push({ chunks: chunks.map((c) => c.chunk as Buffer), done })
           if (held.length === 1) setTimeout(release, 5)
         },
         read() {},
@@ -274,18 +277,23 @@ describe("batched small files", () => {
       reply({ _tag: "Credit", ch: m.ch, bytes: m.files.reduce((n: number, f: { size: number }) => n + f.size, 0) })
       reply({ _tag: "Ack", ch: m.ch, seq: m.seq, count: m.files.length })
     }
+    // A buffer given back is spoiled at once: one still being written would send the spoiled bytes.
+    const pool = makeBatchBuffers()
+    let given = 0
+    const spoiling: BufferPool = { ...pool, give: (b) => (given++, b.fill(0xee), pool.give(b)) }
     const { received } = await withSession(
       ackAndCredit,
       (session) =>
         Effect.gen(function* () {
-          for (let round = 0; round < 4; round++) {
-            const acks = yield* Effect.forEach(files.slice(round * 100, (round + 1) * 100), (f) => session.writeSmall!(f))
-            yield* Effect.all(acks.map((a) => a.wait))
-          }
+          // all at once: files are read into buffers while earlier ones are still held by the socket
+          const acks = yield* Effect.forEach(files, (f) => session.writeSmall!(f))
+          yield* Effect.all(acks.map((a) => a.wait))
         }),
       undefined,
-      holdingSocket
+      holdingSocket,
+      spoiling
     )
+    expect(given).toBeGreaterThan(10)
     const bytes = Buffer.concat(received.flatMap((r) => ("text" in r ? [] : [r.payload])))
     expect(bytes.equals(Buffer.concat(files.map((_, i) => Buffer.alloc(60 * 1024 + i, i % 251))))).toBe(true)
   })

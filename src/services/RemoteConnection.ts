@@ -334,8 +334,8 @@ export const openLink = (
     }
     /**
      * Puts a frame on the wire (corked until the end of this tick); false once the link is down.
-     * `written` is called once the frame's bytes have left `data` (copied into SSH packets, or written
-     * to the socket), and not if it fails.
+     * `written` is called once nothing refers to `data` any more (its bytes copied into SSH packets, or
+     * written to the socket, or the socket destroyed meanwhile), and not when the write failed.
      */
     const put = (data: string | Buffer, written?: () => void): boolean => {
       if (ws.readyState !== WebSocket.OPEN) {

@@ -21,11 +21,20 @@ export interface BufferPool {
 /** A pool of `size`-byte buffers that keeps at most `keep` idle ones. */
 export const makeBufferPool = (size: number, keep: number): BufferPool => {
   const idle: Array<Buffer> = []
+  // A buffer given back twice would be handed to two users at once: the second giving is ignored.
+  const isIdle = new WeakSet<Buffer>()
   return {
     size,
-    take: () => idle.pop() ?? Buffer.allocUnsafeSlow(size),
+    take: () => {
+      const buffer = idle.pop()
+      if (buffer === undefined) return Buffer.allocUnsafeSlow(size)
+      isIdle.delete(buffer)
+      return buffer
+    },
     give: (buffer) => {
-      if (buffer.byteLength === size && idle.length < keep) idle.push(buffer)
+      if (buffer.byteLength !== size || idle.length >= keep || isIdle.has(buffer)) return
+      isIdle.add(buffer)
+      idle.push(buffer)
     }
   }
 }

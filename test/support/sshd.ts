@@ -106,6 +106,8 @@ export interface SshdOptions {
   readonly dir: string
   /** `$PATH` of sessions; by default the directory of this node, then the usual system ones. */
   readonly path?: string
+  /** More sshd_config lines (e.g. `RekeyLimit 1M`). */
+  readonly config?: ReadonlyArray<string>
 }
 
 const waitForBanner = (port: number, deadline: number): Promise<void> =>
@@ -179,6 +181,7 @@ export const startSshd = async (options: SshdOptions): Promise<Sshd> => {
         `Subsystem sftp internal-sftp -d ${home}`,
         `SetEnv HOME=${home} PATH=${sessionPath}`,
         "LogLevel VERBOSE",
+        ...(options.config ?? []),
         ""
       ].join("\n")
     )

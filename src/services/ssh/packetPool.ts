@@ -29,8 +29,15 @@ interface Cipher {
 interface ClientInternals {
   readonly _protocol?: { readonly _cipher?: Cipher }
   readonly _sock?: Socket
-  on(event: "rekey", listener: () => void): unknown
+  /** After every key exchange, the new cipher in place (a client never emits "rekey", only servers do). */
+  on(event: "handshake", listener: () => void): unknown
 }
+
+/**
+ * Smaller packets (window adjusts, keepalives, a turn's last short frame) keep ssh2's allocation: Node
+ * cuts those from its shared 8 KiB slab, and each would hold a whole pooled buffer while queued.
+ */
+const SMALLEST_POOLED = 4 * 1024
 
 /** An AES-GCM packet as ssh2 lays it out: length, padding length, payload, 4-19 bytes of padding, the 16-byte tag. */
 export const gcmLayout = (payloadLen: number) => {
@@ -60,8 +67,12 @@ export const reusePacketBuffers = (client: unknown, packets: BufferPool): boolea
   const internals = client as ClientInternals
   const sock = internals._sock
   if (sock === undefined) return false
-  /** Packets lent and not yet written, by their memory: a packet may be written in parts (views of it). */
-  const lent = new Map<ArrayBufferLike, { readonly whole: Buffer; writes: number }>()
+  /**
+   * Packets lent and not yet written, by their memory: a packet may be written in parts (views of it).
+   * Weak: a packet never written (allocated as its socket stopped being writable, or its cipher was
+   * freed) is not kept for it.
+   */
+  const lent = new WeakMap<ArrayBufferLike, { readonly whole: Buffer; writes: number }>()
   const adopted = new WeakSet<Cipher>()
 
   const adopt = (): boolean => {
@@ -73,7 +84,7 @@ export const reusePacketBuffers = (client: unknown, packets: BufferPool): boolea
     const allocate = cipher.allocPacket.bind(cipher)
     cipher.allocPacket = (payloadLen) => {
       const { packetLength, padding, total } = gcmLayout(payloadLen)
-      if (total > packets.size) return allocate(payloadLen)
+      if (total < SMALLEST_POOLED || total > packets.size) return allocate(payloadLen)
       const whole = packets.take()
       lent.set(whole.buffer, { whole, writes: 0 })
       const packet = whole.subarray(0, total)
@@ -87,6 +98,7 @@ export const reusePacketBuffers = (client: unknown, packets: BufferPool): boolea
 
   // ssh2 writes a packet (or views of it) within the call that encrypts it; the socket calls back
   // later, never during the write, so a packet's writes are all counted before the first is done.
+  // A failed write's buffer is not given back (nothing would refer to it then either; it is the rare case).
   const write = sock.write as (...args: Array<unknown>) => boolean
   sock.write = ((chunk: unknown, ...rest: Array<unknown>) => {
     const loan = Buffer.isBuffer(chunk) ? lent.get(chunk.buffer) : undefined
@@ -98,6 +110,6 @@ export const reusePacketBuffers = (client: unknown, packets: BufferPool): boolea
       if (error == null) packets.give(loan.whole)
     })
   }) as typeof sock.write
-  internals.on("rekey", adopt)
+  internals.on("handshake", adopt)
   return adopt()
 }
