@@ -5,7 +5,6 @@
  */
 import { createHash, randomBytes } from "node:crypto"
 import * as fs from "node:fs"
-import * as net from "node:net"
 import * as os from "node:os"
 import * as path from "node:path"
 import { Duplex } from "node:stream"
@@ -13,6 +12,7 @@ import { Client } from "ssh2"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import { type BufferPool } from "../src/services/bufferPool.js"
 import { gcmLayout, makePacketBuffers, reusePacketBuffers } from "../src/services/ssh/packetPool.js"
+import { holdingSocket } from "./support/holdingSocket.js"
 import { prepareClientHome, type Sshd, startSshd } from "./support/sshd.js"
 
 // eslint-disable-next-line @typescript-eslint/no-require-imports
@@ -42,7 +42,7 @@ const cipherOf = (name: string) => {
 /** A socket stand-in for `reusePacketBuffers`: records writes and never calls back. */
 const fakeClient = (cipher: { allocPacket: (payloadLen: number) => Buffer }) => ({
   _protocol: { _cipher: cipher },
-  _sock: Object.assign(new Duplex({ read() {}, write(_chunk, _encoding, _done) {} })),
+  _sock: new Duplex({ read() {}, write(_chunk, _encoding, _done) {} }),
   on: () => undefined
 })
 
@@ -83,41 +83,6 @@ describe("over a real sshd", () => {
     fs.rmSync(base, { recursive: true, force: true })
   })
 
-  /**
-   * A socket that keeps each write for a while, as one full of unsent data does (referring to the
-   * caller's memory, as libuv does), and only then passes it on and says it is written: a packet buffer
-   * filled again before that would go out changed, and sshd would drop the connection at its first bad MAC.
-   */
-  const holdingSocket = (port: number) => {
-    const real = net.connect(port, "127.0.0.1")
-    const held: Array<{ readonly chunks: ReadonlyArray<Buffer>; readonly done: () => void }> = []
-    const release = () => {
-      for (const { chunks, done } of held.splice(0)) {
-        real.write(Buffer.concat(chunks))
-        done()
-      }
-    }
-    const socket = new Duplex({
-      writev(chunks, done) {
-        held.push({ chunks: chunks.map((c) => c.chunk as Buffer), done })
-        if (held.length === 1) setTimeout(release, 3)
-      },
-      read() {},
-      final(done) {
-        real.end()
-        done()
-      },
-      destroy(error, done) {
-        real.destroy()
-        done(error)
-      }
-    })
-    real.on("data", (data) => socket.push(data))
-    real.on("end", () => socket.push(null))
-    real.on("error", (error) => socket.destroy(error))
-    return Object.assign(socket, { setNoDelay: () => socket, setKeepAlive: () => socket, setTimeout: () => socket })
-  }
-
   it("every byte of 24 MB arrives, through packets that are reused, across key exchanges", async () => {
     const data = randomBytes(24 * 1024 * 1024)
     const pool = makePacketBuffers()
@@ -131,7 +96,8 @@ describe("over a real sshd", () => {
       client.once("ready", () => resolve(reusePacketBuffers(client, spoiling)))
       client.once("error", reject)
       client.connect({
-        sock: holdingSocket(host.port) as never,
+        // every write held a while: sshd drops the connection at the first packet reused too early
+        sock: holdingSocket(host.port, 3) as never,
         username: host.account.name,
         privateKey: key,
         algorithms: { cipher: ["aes128-gcm@openssh.com"] },

@@ -3,7 +3,6 @@
  * records every frame it receives and answers as each test says.
  */
 import { Effect, Either, Exit } from "effect"
-import * as net from "node:net"
 import { Duplex } from "node:stream"
 import { afterEach, describe, expect, it } from "vitest"
 import { type WebSocket, WebSocketServer } from "ws"
@@ -11,6 +10,7 @@ import { CHUNK_HEADER_BYTES, decodeChunk, MAX_BATCH_FILES, PROTOCOL_VERSION, WIN
 import { type BufferPool } from "../src/services/bufferPool.js"
 import { type FileSource, makeBatchBuffers, openLink, type Session, SourceChanged } from "../src/services/RemoteConnection.js"
 import { testDestination, testProject } from "./support/fixtures.js"
+import { holdingSocket } from "./support/holdingSocket.js"
 
 type Received = { readonly text: Record<string, any> } | { readonly ch: number; readonly seq: number; readonly payload: Buffer }
 type Answer = (message: Record<string, any>, reply: (m: Record<string, unknown>) => void) => void
@@ -239,39 +239,7 @@ describe("batched small files", () => {
   })
 
   it("a batch's buffer is filled again only once the socket is done with it", async () => {
-    // A socket that keeps each write for a while (as one full of unsent data does, referring to the
-    // caller's memory as libuv does) and only then passes it on and says it is written: a buffer filled
-    // again before that would go out with other bytes.
-    const holdingSocket = (port: number): Duplex => {
-      const real = net.connect(port, "127.0.0.1")
-      const held: Array<{ readonly chunks: ReadonlyArray<Buffer>; readonly done: () => void }> = []
-      const release = () => {
-        for (const { chunks, done } of held.splice(0)) {
-          real.write(Buffer.concat(chunks))
-          done()
-        }
-      }
-      const socket = new Duplex({
-        writev(chunks, done) {
-          held.push({ chunks: chunks.map((c) => c.chunk as Buffer), done })
-          if (held.length === 1) setTimeout(release, 5)
-        },
-        read() {},
-        final(done) {
-          real.end()
-          done()
-        },
-        destroy(error, done) {
-          real.destroy()
-          done(error)
-        }
-      })
-      real.on("data", (data) => socket.push(data))
-      real.on("end", () => socket.push(null))
-      real.on("error", (error) => socket.destroy(error))
-      return Object.assign(socket, { setNoDelay: () => socket, setTimeout: () => socket, setKeepAlive: () => socket, ref: () => socket, unref: () => socket })
-    }
-    // Several files to a buffer, and more buffers than are kept for reuse, in several rounds.
+    // Several files to a buffer, and more buffers (94) than the pool keeps (32).
     const files = Array.from({ length: 400 }, (_, i) => small(`f${i}`, Buffer.alloc(60 * 1024 + i, i % 251)))
     const ackAndCredit: Answer = (m, reply) => {
       reply({ _tag: "Credit", ch: m.ch, bytes: m.files.reduce((n: number, f: { size: number }) => n + f.size, 0) })
@@ -290,7 +258,8 @@ describe("batched small files", () => {
           yield* Effect.all(acks.map((a) => a.wait))
         }),
       undefined,
-      holdingSocket,
+      // every write held a while: a buffer filled again before its write is done goes out with other bytes
+      (port) => holdingSocket(port, 5),
       spoiling
     )
     expect(given).toBeGreaterThan(10)
