@@ -87,6 +87,13 @@ const withSession = async <A>(
   return { result, received: daemon.received }
 }
 
+/** Sends `files` at once (each read into a batch while earlier ones may still be held) and waits for every ack. */
+const writeAllSmall = (files: ReadonlyArray<FileSource>) => (session: Session) =>
+  Effect.gen(function* () {
+    const acks = yield* Effect.forEach(files, (f) => session.writeSmall!(f))
+    yield* Effect.all(acks.map((a) => a.wait))
+  })
+
 const texts = (received: ReadonlyArray<Received>) => received.map((r) => ("text" in r ? r.text._tag : `bytes ${r.seq} ${r.payload.byteLength}`))
 
 describe("batched small files", () => {
@@ -206,11 +213,7 @@ describe("batched small files", () => {
     }
     const { received } = await withSession(
       answer,
-      (session) =>
-        Effect.gen(function* () {
-          const acks = yield* Effect.forEach(files, (f) => session.writeSmall!(f))
-          yield* Effect.all(acks.map((a) => a.wait))
-        }),
+      writeAllSmall(files),
       onBytes
     )
     const bytes = Buffer.concat(received.flatMap((r) => ("text" in r ? [] : [r.payload])))
@@ -222,12 +225,7 @@ describe("batched small files", () => {
   it("a batch holds at most MAX_BATCH_FILES files and one frame of bytes; more start the next one", async () => {
     const many = Array.from({ length: MAX_BATCH_FILES + 10 }, (_, i) => small(`f${i}`, Buffer.alloc(10, i)))
     const large = Array.from({ length: 5 }, (_, i) => small(`big${i}`, Buffer.alloc(200 * 1024, i)))
-    const { received } = await withSession(ackAll, (session) =>
-      Effect.gen(function* () {
-        const acks = yield* Effect.forEach([...many, ...large], (f) => session.writeSmall!(f))
-        yield* Effect.all(acks.map((a) => a.wait))
-      })
-    )
+    const { received } = await withSession(ackAll, writeAllSmall([...many, ...large]))
     const batches = received.flatMap((r) => ("text" in r ? [r.text] : []))
     expect(batches.map((b) => b.files.length)).toEqual([MAX_BATCH_FILES, 10 + 1, 1, 1, 1, 1])
     // every file exactly once, in order, with its own bytes
@@ -251,12 +249,7 @@ describe("batched small files", () => {
     const spoiling: BufferPool = { ...pool, give: (b) => (given++, b.fill(0xee), pool.give(b)) }
     const { received } = await withSession(
       ackAndCredit,
-      (session) =>
-        Effect.gen(function* () {
-          // all at once: files are read into buffers while earlier ones are still held by the socket
-          const acks = yield* Effect.forEach(files, (f) => session.writeSmall!(f))
-          yield* Effect.all(acks.map((a) => a.wait))
-        }),
+      writeAllSmall(files),
       undefined,
       // every write held a while: a buffer filled again before its write is done goes out with other bytes
       (port) => holdingSocket(port, 5),
