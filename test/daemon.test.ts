@@ -1160,6 +1160,11 @@ describe("start-daemon", () => {
     expect(lines[0]).toMatchObject({ version: VERSION, protocolVersion: PROTOCOL_VERSION })
     const state = readDaemonState(home)!
     expect(state.pid).toBe(lines[0]!.pid)
+    // without V8's memory reducer (see DAEMON_NODE_FLAGS)
+    if (process.platform === "linux") {
+      const argv = fs.readFileSync(`/proc/${state.pid}/cmdline`, "utf8").split("\0")
+      expect(argv.slice(1, argv.indexOf("daemon"))).toContain("--no-memory-reducer")
+    }
     expect(fs.existsSync(path.join(home, ".sicksync", "logs", "daemon.log"))).toBe(true)
 
     // a third one finds it running

@@ -6,7 +6,7 @@ import * as Command from "@effect/cli/Command"
 import * as Options from "@effect/cli/Options"
 import { Effect, FiberRef, HashSet, Logger, Option, Schema } from "effect"
 import * as DestinationFs from "../services/DestinationFs.js"
-import { DEFAULT_GRACE_MS, DEFAULT_PORT, runDaemon } from "./daemon.js"
+import { DAEMON_NODE_FLAGS, DEFAULT_GRACE_MS, DEFAULT_PORT, runDaemon } from "./daemon.js"
 import { startDaemonAndPrint } from "./startDaemon.js"
 
 const port = Options.integer("port").pipe(
@@ -46,7 +46,7 @@ export const daemonCommand = Command.make("daemon", { port, graceMs, readyFd }, 
 /** `sicksync start-daemon [--port N] [--grace-ms N]`: start this user's daemon if needed, print one ReadyLine. */
 export const startDaemonCommand = Command.make("start-daemon", { port, graceMs }, (options) =>
   startDaemonAndPrint({
-    command: [process.execPath, process.argv[1] ?? "sicksync"],
+    command: [process.execPath, ...DAEMON_NODE_FLAGS, process.argv[1] ?? "sicksync"],
     port: options.port,
     graceMs: options.graceMs
   })).pipe(Command.withDescription("Start the daemon detached unless one runs; print its ready line as JSON"))

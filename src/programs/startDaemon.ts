@@ -18,7 +18,7 @@ import { DaemonState, ReadyLine } from "../schemas/Protocol.js"
 import { daemonPaths, decodeReadySignal, isPidAlive, type ReadySignal } from "./daemon.js"
 
 export interface StartDaemonOptions {
-  /** How to run sicksync itself, e.g. `[process.execPath, process.argv[1]]`. */
+  /** How to run sicksync as the daemon, e.g. `[process.execPath, ...DAEMON_NODE_FLAGS, process.argv[1]]`. */
   readonly command: ReadonlyArray<string>
   readonly port: number
   readonly graceMs: number
